@@ -1,0 +1,153 @@
+"""The KV cache: one preallocated object per generation, not tuples grown by torch.cat.
+
+Layout per layer: keys and values [B, n_heads, capacity, head_dim], keys stored after RoPE
+(spec §4.7). Slots are shared by all rows (slot t of every row is written by the same
+forward call); per-row state says which slots hold real tokens (``key_mask``), which
+RoPE position the row's next real token takes (``next_position``; left padding does not
+shift it, unlike the official code) and which dynamic-NTK alpha the row chose at prefill.
+
+`generate` allocates the cache for prompt + max_new_tokens, so decoding never reallocates.
+A cache made implicitly by ``model(ids, use_cache=True)`` grows by doubling when full.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class KVCache:
+    """Preallocated key/value storage plus the per-sequence state of one batch."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | Sequence[torch.device | str] = "cpu",
+    ) -> None:
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+        if len(devices) != num_layers:
+            raise ValueError(f"got {len(devices)} devices for {num_layers} layers")
+        self.num_layers, self.batch_size = num_layers, batch_size
+        self.num_heads, self.head_dim, self.dtype = num_heads, head_dim, dtype
+        self.devices = [torch.device(d) for d in devices]
+        capacity = max(int(capacity), 1)
+        shape = (batch_size, num_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in self.devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in self.devices]
+        self.length = 0  # slots filled (same for every row)
+        self.key_mask = torch.ones(batch_size, capacity, dtype=torch.bool, device=self.devices[0])
+        self.padded = False  # True once any slot is a pad: masks are needed
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=self.devices[0])
+        self.ntk_alpha: list[float] | None = None  # chosen at prefill, kept (spec §4.4)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, capacity: int) -> "KVCache":
+        """A cache shaped for ``model`` (a QWenLMHeadModel), placed on each layer's device."""
+        cfg = model.config
+        blocks = model.transformer.h
+        devices = [b.ln_1.weight.device for b in blocks]
+        dtype = blocks[0].attn.c_proj.weight.dtype
+        if not dtype.is_floating_point:  # quantized layers: cache in the activation dtype
+            dtype = model.transformer.wte.weight.dtype
+        return cls(cfg.num_hidden_layers, batch_size, cfg.num_attention_heads, cfg.head_dim, capacity, dtype, devices)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more slots, doubling the capacity if needed."""
+        need = self.length + extra
+        if need <= self.capacity:
+            return
+        new_cap = max(need, 2 * self.capacity)
+        for i in range(self.num_layers):
+            for store in (self.keys, self.values):
+                old = store[i]
+                new = old.new_zeros(old.shape[0], old.shape[1], new_cap, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = new
+        mask = self.key_mask.new_ones(self.batch_size, new_cap)
+        mask[:, : self.length] = self.key_mask[:, : self.length]
+        self.key_mask = mask
+
+    def begin(self, new_mask: torch.Tensor | None, num_new: int) -> None:
+        """Record the validity of the ``num_new`` slots about to be written (before the layers run)."""
+        self.reserve(num_new)
+        if new_mask is not None:
+            new_mask = new_mask.to(device=self.key_mask.device, dtype=torch.bool)
+            self.key_mask[:, self.length : self.length + num_new] = new_mask
+            if not self.padded and not bool(new_mask.all()):
+                self.padded = True
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, h, T, d] at the current slots; return views of all filled slots."""
+        t = k.shape[2]
+        end = self.length + t
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def commit(self, num_new: int, new_positions_taken: torch.Tensor) -> None:
+        """Advance after all layers ran: ``num_new`` slots, and per-row count of real tokens added."""
+        self.length += num_new
+        self.next_position += new_positions_taken.to(self.next_position.device)
+
+    # ------------------------------------------------------------------ manipulation
+    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only the given batch rows (e.g. drop finished sequences, or reorder for beams)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        for i in range(self.num_layers):
+            d = self.keys[i].device
+            self.keys[i] = self.keys[i].index_select(0, idx.to(d))
+            self.values[i] = self.values[i].index_select(0, idx.to(d))
+        self.key_mask = self.key_mask.index_select(0, idx.to(self.key_mask.device))
+        self.next_position = self.next_position.index_select(0, idx.to(self.next_position.device))
+        if self.ntk_alpha is not None:
+            self.ntk_alpha = [self.ntk_alpha[int(j)] for j in idx.tolist()]
+        self.batch_size = len(idx)
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first ``length`` slots (rewind a sequence; unpadded caches only)."""
+        if length > self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        removed = self.key_mask[:, length : self.length].sum(dim=1)
+        self.next_position -= removed
+        self.key_mask[:, length:] = True
+        self.length = length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # ------------------------------------------------------------------ official tuple format
+    def to_legacy(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """The official ``past_key_values`` layout: per layer (K, V) as [B, S, h, d] (spec §4.7)."""
+        n = self.length
+        return tuple(
+            (self.keys[i][:, :, :n].transpose(1, 2), self.values[i][:, :, :n].transpose(1, 2))
+            for i in range(self.num_layers)
+        )
+
+    @classmethod
+    def from_legacy(cls, past: Sequence[Sequence[torch.Tensor]], extra_capacity: int = 0) -> "KVCache":
+        """Build a cache from official-layout tuples ([B, S, h, d] per tensor, keys post-RoPE)."""
+        k0 = past[0][0]
+        if k0.dim() != 4:
+            raise ValueError(f"past_key_values tensors must be [B, S, heads, head_dim], got shape {tuple(k0.shape)}")
+        b, s, h, d = k0.shape
+        cache = cls(len(past), b, h, d, s + extra_capacity, k0.dtype, [kv[0].device for kv in past])
+        for i, (k, v) in enumerate(past):
+            cache.keys[i][:, :, :s] = k.transpose(1, 2)
+            cache.values[i][:, :, :s] = v.transpose(1, 2)
+        cache.length = s
+        cache.next_position.fill_(s)
+        return cache
