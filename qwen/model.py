@@ -84,7 +84,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
         self.dim, self.base = dim, float(base)
-        self.register_buffer("inv_freq", rope_inv_freq(self.base, dim), persistent=False)
+        # No inv_freq buffer: it would follow model.to(bf16); frequencies are always rebuilt in fp32.
         self._by_alpha: dict[float, torch.Tensor] = {}
 
     def _inv_freq(self, alpha: float, device: torch.device) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def qwen2_reference(model):  # type: ignore[no-untyped-def]
+def qwen2_reference(model, rope_theta=None):  # type: ignore[no-untyped-def]
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = model.config
@@ -22,7 +22,7 @@ def qwen2_reference(model):  # type: ignore[no-untyped-def]
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_attention_heads,
         rms_norm_eps=cfg.layer_norm_epsilon,
-        rope_theta=float(cfg.rotary_emb_base),
+        rope_theta=float(rope_theta if rope_theta is not None else cfg.rotary_emb_base),
         max_position_embeddings=max(cfg.max_position_embeddings, 4096),
         tie_word_embeddings=cfg.tie_word_embeddings,
         attention_dropout=0.0,
