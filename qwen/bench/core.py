@@ -1,0 +1,248 @@
+"""``qwen bench``: batch-1 decode and prefill speed and peak memory, ours vs transformers, in one run.
+
+Each engine runs in its own worker process (so peak-RSS numbers do not mix) on identical random weights
+(same seed, same init), with the same dtype and thread count. transformers runs its Qwen2ForCausalLM
+with the Qwen-1 weights mapped onto it (c_attn split into q/k/v, w2 -> gate, w1 -> up), which is
+exactly the Qwen-1 network when NTK/LogN are inactive (prompts here stay below seq_length).
+
+Both engines are timed through their public ``generate`` (greedy, no early stop):
+  prefill tok/s = prompt_len / t(generate 1 new token)
+  decode tok/s  = (N - 1) / (t(generate N new tokens) - t(generate 1 new token))
+Decode is also stated as a share of the memory-read bandwidth measured in the same run: bytes of
+weights read per token (everything but the embedding table, plus the KV cache) x tok/s / bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+WORKER_FLAG = "--worker"
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
+    """Best-of-N read bandwidth (GB/s) of an fp32 matrix-vector product and of a sum over ``gib`` GiB."""
+    import torch
+
+    n = int((gib * (1 << 30) / 4) ** 0.5)
+    mat = torch.randn(n, n)
+    vec = torch.randn(n)
+    nbytes = mat.numel() * 4
+
+    def best(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return nbytes / min(times) / 1e9
+
+    out = {"matvec_gbs": best(lambda: torch.mv(mat, vec)), "sum_gbs": best(lambda: mat.sum())}
+    out["read_gbs"] = max(out.values())
+    return out
+
+
+def build_model(preset: str, seed: int, dtype_name: str, overrides: dict[str, Any]) -> Any:
+    import torch
+
+    from ..config import preset_config
+    from ..model import QWenLMHeadModel
+
+    config = preset_config(preset, **overrides)
+    with torch.device("meta"):
+        model = QWenLMHeadModel(config)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=seed)
+    return model.to(getattr(torch, dtype_name)).eval()
+
+
+def to_transformers(model: Any) -> Any:
+    """A transformers Qwen2ForCausalLM whose parameters share storage with ``model`` (no copy)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = model.config
+    ref_cfg = Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads, rms_norm_eps=cfg.layer_norm_epsilon,
+        rope_theta=float(cfg.rotary_emb_base), max_position_embeddings=cfg.seq_length,
+        tie_word_embeddings=cfg.tie_word_embeddings, use_sliding_window=False,
+    )
+    ref_cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        ref = Qwen2ForCausalLM(ref_cfg)
+    sd, h = model.state_dict(), cfg.hidden_size
+    new = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+        w, b = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            new[q + f"self_attn.{name}.weight"] = w[j * h:(j + 1) * h]
+            new[q + f"self_attn.{name}.bias"] = b[j * h:(j + 1) * h]
+        new[q + "self_attn.o_proj.weight"] = sd[p + "attn.c_proj.weight"]
+        new[q + "mlp.gate_proj.weight"] = sd[p + "mlp.w2.weight"]
+        new[q + "mlp.up_proj.weight"] = sd[p + "mlp.w1.weight"]
+        new[q + "mlp.down_proj.weight"] = sd[p + "mlp.c_proj.weight"]
+        new[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
+        new[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
+    ref.load_state_dict(new, strict=False, assign=True)
+    # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them on the CPU.
+    with torch.device("cpu"):
+        ref.model.rotary_emb = type(ref.model.rotary_emb)(config=ref_cfg)
+    ref.generation_config.pad_token_id = 0
+    return ref.eval()
+
+
+def _generate_fn(engine: str, model: Any) -> Any:
+    import torch
+
+    if engine == "ours":
+        from ..generate import generate
+
+        def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+            return generate(model, ids, max_new_tokens=n, do_sample=False, eos_token_id=[], stop_words_ids=[],
+                            repetition_penalty=1.0)
+    else:
+        def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)
+    return run
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = build_model(args.preset, args.seed, args.dtype, json.loads(args.overrides))
+    engine_model = to_transformers(model) if args.engine == "transformers" else model
+    bandwidth = measure_read_bandwidth() if args.engine == "ours" else None
+    cfg = model.config
+    esize = torch.empty((), dtype=model.dtype).element_size()
+    params = {n: p for n, p in model.named_parameters()}
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in params.items() if "wte" not in n)
+    if cfg.tie_word_embeddings:
+        weight_bytes += params["transformer.wte.weight"].numel() * esize
+    run = _generate_fn(args.engine, engine_model)
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    with torch.inference_mode():
+        run(torch.randint(0, 1000, (1, 16), generator=gen), 4)  # warm-up
+        for prompt_len in args.prompt_lens:
+            ids = torch.randint(0, 1000, (1, prompt_len), generator=gen)
+            t_first = min(_timed(run, ids, 1) for _ in range(args.repeats))
+            t_full = min(_timed(run, ids, args.new_tokens) for _ in range(max(1, args.repeats - 1)))
+            decode_tps = (args.new_tokens - 1) / max(t_full - t_first, 1e-9)
+            ctx = prompt_len + args.new_tokens / 2  # mean context while decoding
+            kv_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * ctx * esize
+            results.append({
+                "prompt_len": prompt_len, "new_tokens": args.new_tokens,
+                "prefill_tok_s": prompt_len / t_first, "decode_tok_s": decode_tps,
+                "bytes_per_token": weight_bytes + kv_bytes,
+            })
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"engine": args.engine, "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
+            "parameters": sum(p.numel() for p in params.values()), "weight_bytes_per_token": weight_bytes,
+            "peak_rss_bytes": peak, "rss_before_model": rss0, "bandwidth": bandwidth, "results": results}
+
+
+def _timed(run: Any, ids: Any, n: int) -> float:
+    t0 = time.perf_counter()
+    run(ids, n)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _spawn(engine: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "qwen.bench.core", WORKER_FLAG, "--engine", engine, "--preset", args.preset,
+           "--dtype", args.dtype, "--threads", str(args.threads), "--seed", str(args.seed),
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--overrides", args.overrides,
+           "--prompt-lens", *map(str, args.prompt_lens)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def render_markdown(runs: list[dict[str, Any]], bandwidth: dict[str, float]) -> str:
+    ours = next(r for r in runs if r["engine"] == "ours")
+    others = [r for r in runs if r["engine"] != "ours"]
+    bw = bandwidth["read_gbs"]
+    lines = [
+        f"Preset `{ours['preset']}` ({ours['parameters'] / 1e6:,.0f} M parameters), {ours['dtype']}, "
+        f"{ours['threads']} threads, batch 1, greedy. Measured read bandwidth: {bw:.1f} GB/s "
+        f"(fp32 matvec {bandwidth['matvec_gbs']:.1f}, sum {bandwidth['sum_gbs']:.1f}). "
+        f"Weights read per token: {ours['weight_bytes_per_token'] / 1e9:.2f} GB.",
+        "",
+        "| engine | prompt | prefill tok/s | decode tok/s | decode share of read bandwidth | peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for res in run["results"]:
+            share = res["bytes_per_token"] * res["decode_tok_s"] / (bw * 1e9)
+            lines.append(f"| {run['engine']} | {res['prompt_len']} | {res['prefill_tok_s']:,.1f} | "
+                         f"{res['decode_tok_s']:.2f} | {share:.0%} | {run['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    for other in others:
+        lines += ["", f"Ratios ours / {other['engine']}:", ""]
+        for a, b in zip(ours["results"], other["results"]):
+            lines.append(f"- prompt {a['prompt_len']}: prefill {a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x, "
+                         f"decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen-300m", help="model shape (see qwen.config.PRESETS; default qwen-300m)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement")
+    p.add_argument("--repeats", type=int, default=3, help="best-of repeats per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engines", default="ours,transformers",
+                   help="comma-separated: ours, transformers (needs the dev extra)")
+    p.add_argument("--overrides", default="{}", help='JSON config overrides, e.g. \'{"num_hidden_layers": 4}\'')
+    p.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if "ours" not in engines:
+        engines.insert(0, "ours")
+    runs = []
+    for engine in engines:
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        runs.append(_spawn(engine, args))
+    bandwidth = runs[0]["bandwidth"]
+    table = render_markdown(runs, bandwidth)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}\n")
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": runs, "argv": argv}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
