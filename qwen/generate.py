@@ -1,0 +1,801 @@
+"""Text generation in layers, each a thin wrapper over the one below.
+
+  sampling.py      logits transforms and the draw (pure functions)
+  generate_step    prefill once into a preallocated KVCache, then one token per step; owns eos,
+                   stop-word, padding and budget bookkeeping for a batch of rows
+  generate         HF-style: returns prompt + new ids [B, T+N]; streamer protocol; stop strings
+  stream_generate  one prompt -> GenerationResponse records with UTF-8-safe text deltas that never
+                   leak a stop string, ending with finish_reason and speed statistics
+chat() / ChatSession (chat.py) sit on top. The model is only ever called as
+``model(ids, attention_mask, past_key_values=cache, logits_to_keep=1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import queue
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .sampling import SamplingParams, apply_penalties, sample, token_counts, warp
+
+logger = logging.getLogger(__name__)
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+# An HF-style logits processor: (input_ids [B, L], scores [B, V]) -> scores.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# An HF-style stopping criterion: (input_ids [B, L], scores [B, V] | None) -> bool [B] (or one bool).
+StoppingCriterion = Callable[[torch.Tensor, torch.Tensor | None], Any]
+
+# generation_config.json of the released models (spec §8.6).
+# Qwen-7B-Chat / 7B-Chat-Int4, final version (after 2023-11-30).
+QWEN_7B_CHAT: dict[str, Any] = {
+    "chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 24000,
+    "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1,
+    "transformers_version": "4.31.0",
+}
+# Qwen-14B-Chat after the Oct-2023 hyper-parameter update (spec §13: inferred from the 7B commits).
+QWEN_14B_CHAT: dict[str, Any] = {
+    "chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+    "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1,
+}
+# Qwen-7B base (the 14B base file is presumably the same).
+QWEN_7B_BASE: dict[str, Any] = {
+    "chat_format": "raw", "eos_token_id": 151643, "pad_token_id": 151643, "stop_words_ids": [[151643]],
+    "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen-7b-chat": QWEN_7B_CHAT,
+    "qwen-14b-chat": QWEN_14B_CHAT,
+    "qwen-7b": QWEN_7B_BASE,
+    "qwen-14b": QWEN_7B_BASE,
+}
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class GenerationConfig:
+    """Decoding settings, with the field names of HF's GenerationConfig and Qwen's generation_config.json.
+
+    Keys we do not interpret (transformers_version, num_beams, ...) are kept in ``extra`` and
+    written back on save. top_k 0 and top_p 1.0 switch those filters off.
+    """
+
+    max_new_tokens: int | None = 512
+    max_length: int | None = None  # prompt + new; only used when max_new_tokens is None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # HF's default is 50, but every Qwen config sets 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated ids (not an HF field)
+    frequency_penalty: float = 0.0
+    eos_token_id: int | list[int] | None = 151643
+    pad_token_id: int | None = None  # None: pad finished rows with eos
+    stop_words_ids: list[list[int]] | None = None
+    stop_strings: list[str] | None = None
+    chat_format: str = "chatml"
+    max_window_size: int = 6144
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.sampling_params()  # range checks live in SamplingParams
+        for name in ("max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+        if self.stop_words_ids is not None and not (
+            isinstance(self.stop_words_ids, (list, tuple))
+            and all(isinstance(s, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in s)
+                    for s in self.stop_words_ids)
+        ):
+            raise ValueError(
+                f"stop_words_ids must be a list of lists of non-negative ints, got {self.stop_words_ids!r}"
+            )
+
+    def sampling_params(self) -> SamplingParams:
+        # None (as some HF configs write) means "off" for every field.
+        return SamplingParams(
+            do_sample=bool(self.do_sample),
+            temperature=float(1.0 if self.temperature is None else self.temperature),
+            top_k=int(self.top_k or 0),
+            top_p=float(1.0 if self.top_p is None else self.top_p),
+            min_p=self.min_p,
+            repetition_penalty=float(self.repetition_penalty or 1.0),
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0),
+        )
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenerationConfig":
+        names = cls.field_names()
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if isinstance(d.get("extra"), dict):  # a to_dict() that was not flattened
+            extra.update(d["extra"])
+            extra.pop("extra", None)
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "GenerationConfig":
+        """The generation_config.json of a released model: qwen-7b-chat, qwen-14b-chat, qwen-7b."""
+        if name.lower() not in PRESETS:
+            raise ValueError(f"unknown generation preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict(copy.deepcopy(PRESETS[name.lower()]))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
+        """Read generation_config.json from a checkpoint directory or the file itself."""
+        is_file = os.path.isfile(path) or str(path).endswith(".json")
+        file = str(path) if is_file else os.path.join(path, GENERATION_CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no generation config: {file} does not exist")
+        with open(file, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{file}: expected a JSON object")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready dict; unset (None) fields and zero OpenAI penalties are left out."""
+        d = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or value is None:
+                continue
+            if f.name in ("presence_penalty", "frequency_penalty") and value == 0.0:
+                continue
+            d[f.name] = copy.deepcopy(value)
+        d.update(copy.deepcopy(self.extra))
+        return d
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write <dir>/generation_config.json atomically (temp file + os.replace); returns the path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, GENERATION_CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".generation_config.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json_string())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the known fields (validated); return the unknown keys untouched, like HF."""
+        names = self.field_names()
+        known = {k: v for k, v in kwargs.items() if k in names}
+        old = {k: getattr(self, k) for k in known}
+        for k, v in known.items():
+            setattr(self, k, v)
+        try:
+            self.validate()
+        except Exception:
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+        return {k: v for k, v in kwargs.items() if k not in names}
+
+    def copy(self) -> "GenerationConfig":
+        return copy.deepcopy(self)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return _id_list(self.eos_token_id)
+
+
+def _id_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.reshape(-1).tolist()]
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+def _as_generation_config(cfg: Any) -> GenerationConfig:
+    if isinstance(cfg, GenerationConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return GenerationConfig.from_dict(cfg)
+    if hasattr(cfg, "to_dict"):  # e.g. a transformers.GenerationConfig
+        return GenerationConfig.from_dict(cfg.to_dict())
+    raise TypeError(f"generation_config must be a GenerationConfig or a dict, got {type(cfg).__name__}")
+
+
+def resolve_generation_config(
+    model: Any, generation_config: Any = None, **overrides: Any
+) -> tuple[GenerationConfig, dict[str, Any]]:
+    """A private copy of (generation_config or model.generation_config or defaults) with the non-None
+    overrides applied; returns it and the override keys that are not config fields."""
+    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    cfg = _as_generation_config(base).copy() if base is not None else GenerationConfig()
+    unknown = cfg.update(**{k: v for k, v in overrides.items() if v is not None})
+    return cfg, unknown
+
+
+# ----------------------------------------------------------------------------------------------- token loop
+@dataclass
+class TokenStep:
+    """What generate_step yields once per step."""
+
+    tokens: torch.Tensor  # [B] the id appended to each row (pad, or the owed eos, for finished rows)
+    finished: torch.Tensor  # [B] bool: the row is complete after this step
+    finish_reasons: list[str | None]  # per row: "stop" | "length" once finished, else None
+    scores: torch.Tensor | None = None  # [B, V] processed logits the tokens were drawn from (None: no forward)
+
+
+def _ends_with(tail: list[int], seqs: list[list[int]]) -> bool:
+    return any(len(tail) >= len(s) and tail[len(tail) - len(s):] == s for s in seqs)
+
+
+@torch.no_grad()
+def generate_step(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    params: SamplingParams = SamplingParams(),
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_words_ids: Sequence[Sequence[int]] | None = None,
+    logits_processor: Sequence[LogitsProcessor] = (),
+    stopping_criteria: Sequence[StoppingCriterion] = (),
+    generator: torch.Generator | None = None,
+    cache: Any = None,
+) -> Iterator[TokenStep]:
+    """Decode up to ``max_new_tokens`` for a batch of (left-padded) prompts, one TokenStep per step.
+
+    Per step and row: penalties -> logits_processor -> warpers -> draw. A row finishes when it draws
+    an eos id, when its sequence ends with a stop-word sequence (then, budget permitting, eos is
+    appended on the next step without a forward pass: the official StopWordsLogitsProcessor would
+    force exactly that token), when a stopping criterion fires, or at the budget. Finished rows are
+    padded with ``pad_token_id`` (default: eos) while others continue; iteration ends once every row
+    is done. ``cache``, if given, must hold a prefix of ``input_ids`` (unpadded): only the rest is
+    prefilled; by default a cache for prompt + max_new_tokens is allocated.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    device = model.device
+    input_ids = input_ids.to(device)
+    b, t = input_ids.shape
+    if t == 0:
+        raise ValueError("generation needs at least one prompt token")
+    eos_ids = _id_list(eos_token_id)
+    eos = eos_ids[0] if eos_ids else None
+    pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
+    # As the official processor: a stop sequence equal to [eos] is redundant and dropped.
+    stops = [list(s) for s in (stop_words_ids or []) if len(s) and not (len(s) == 1 and s[0] in eos_ids)]
+    max_stop = max((len(s) for s in stops), default=0)
+
+    padded = False
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("right padding detected: decoder-only generation needs left padding "
+                             "(tokenizer(..., padding_side='left'))")
+        padded = not bool(attention_mask.all())
+    if cache is None:
+        cache = model.new_cache(b, t + max_new_tokens)
+    start = cache.length
+    if start >= t or (start and padded):
+        raise ValueError(f"a reused cache must hold a strict prefix of an unpadded prompt (cache {start}, prompt {t})")
+    if start:
+        cache.reserve(t - start + max_new_tokens)
+
+    vocab = model.config.vocab_size
+    real = attention_mask.bool() if padded else torch.ones_like(input_ids, dtype=torch.bool)
+    seen = token_counts(input_ids, vocab, real) if params.needs_seen else None
+    out_counts = (torch.zeros(b, vocab, dtype=torch.int32, device=device) if params.needs_output_counts else None)
+    seq = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
+    seq[:, :t] = input_ids
+
+    # Row bookkeeping on the host: tails of real ids for stop-word matching (prompt included, as the
+    # official processor matches the whole sequence), done flags, owed eos and finish reasons.
+    rows_cpu = input_ids.tolist()
+    real_cpu = real.tolist()
+    tails = [[tok for tok, r in zip(row, m) if r][-max_stop:] if max_stop else [] for row, m in zip(rows_cpu, real_cpu)]
+    done = [False] * b
+    owe = [False] * b
+    reasons: list[str | None] = [None] * b
+    for i in range(b):
+        if stops and _ends_with(tails[i], stops):  # the official would force eos right away
+            done[i], owe[i], reasons[i] = True, eos is not None, "stop"
+    arange = torch.arange(b, device=device)
+
+    last: torch.Tensor | None = None
+    for step in range(max_new_tokens):
+        scores = None
+        if not all(done):
+            if step == 0:
+                out = model(input_ids[:, start:], attention_mask=attention_mask if padded else None,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+            else:
+                out = model(last[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            # .to(device): with layers spread over devices the logits come back on the last one.
+            scores = apply_penalties(out.logits[:, -1].float().to(device), params, seen, out_counts)
+            for proc in logits_processor:
+                scores = proc(seq[:, : t + step], scores)
+            scores = warp(scores, params)
+            drawn = sample(scores, not params.greedy, generator).tolist()
+
+        toks = []
+        for i in range(b):
+            if done[i]:
+                tok = eos if owe[i] else pad
+                owe[i] = False
+            else:
+                tok = int(drawn[i])
+                if max_stop:
+                    tails[i].append(tok)
+                    del tails[i][:-max_stop]
+                if tok in eos_ids:
+                    done[i], reasons[i] = True, "stop"
+                elif stops and _ends_with(tails[i], stops):
+                    done[i], owe[i], reasons[i] = True, eos is not None, "stop"
+            toks.append(tok)
+        tokens = torch.tensor(toks, dtype=torch.long, device=device)
+        seq[:, t + step] = tokens
+        if seen is not None:
+            seen.index_put_((arange, tokens), torch.ones_like(tokens, dtype=seen.dtype), accumulate=True)
+        if out_counts is not None:
+            out_counts.index_put_((arange, tokens), torch.ones_like(tokens, dtype=out_counts.dtype), accumulate=True)
+
+        if stopping_criteria and not all(done):
+            hit = torch.zeros(b, dtype=torch.bool)
+            for crit in stopping_criteria:
+                hit |= torch.as_tensor(crit(seq[:, : t + step + 1], scores)).bool().cpu().expand(b)
+            for i in range(b):
+                if hit[i] and not done[i]:
+                    done[i], reasons[i] = True, "stop"
+        if step == max_new_tokens - 1:
+            for i in range(b):
+                if not done[i]:
+                    done[i], reasons[i] = True, "length"
+
+        yield TokenStep(tokens, torch.tensor(done), list(reasons), scores)
+        if all(done) and not any(owe):
+            return
+        last = tokens
+
+
+# ----------------------------------------------------------------------------------------------- text helpers
+class StreamingDetokenizer:
+    """Incremental decoding that never cuts a UTF-8 character.
+
+    Byte-level BPE tokens can end inside a multi-byte character; decoding such a prefix gives a
+    trailing U+FFFD. Pending ids are held back until they decode cleanly, and text is committed only
+    at character boundaries, so ``text`` always equals decode(all ids committed so far).
+    """
+
+    MAX_PENDING = 32  # past this the bytes cannot be a split character: flush (invalid UTF-8)
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, **decode_kwargs: Any) -> None:
+        self.tokenizer = tokenizer
+        self.decode_kwargs = {k: v for k, v in decode_kwargs.items() if k != "errors"}
+        self.skip_special_tokens = skip_special_tokens
+        self.text = ""
+        self.tokens: list[int] = []
+        self._pending: list[int] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        # errors="replace" is what makes an incomplete tail visible (as U+FFFD).
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, errors="replace",
+                                     **self.decode_kwargs)
+
+    def _commit(self, n: int, text: str) -> str:
+        self._pending = self._pending[n:]
+        self.text += text
+        return text
+
+    def add(self, token_id: int) -> str:
+        """Append one id; return the newly committed text ("" while a character is incomplete)."""
+        self.tokens.append(int(token_id))
+        self._pending.append(int(token_id))
+        text = self._decode(self._pending)
+        if not text.endswith("\ufffd") or len(self._pending) > self.MAX_PENDING:
+            return self._commit(len(self._pending), text)
+        # Commit the longest prefix that ends on a character boundary, keep the rest pending.
+        for k in range(len(self._pending) - 1, 0, -1):
+            head = self._decode(self._pending[:k])
+            if not head.endswith("\ufffd"):
+                return self._commit(k, head)
+        return ""
+
+    def finalize(self) -> str:
+        """Flush whatever is pending (an incomplete character decodes to U+FFFD)."""
+        if not self._pending:
+            return ""
+        return self._commit(len(self._pending), self._decode(self._pending))
+
+
+def _stop_holdback(text: str, start: int, stop_strings: Sequence[str]) -> int:
+    """Length of the longest suffix of text[start:] that is a proper prefix of some stop string."""
+    best = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text) - start), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _find_stop(text: str, start: int, stop_strings: Sequence[str]) -> int:
+    """Index of the earliest stop string occurrence at or after ``start``, or -1."""
+    hits = [i for i in (text.find(s, start) for s in stop_strings if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class StopStringCriteria:
+    """Stopping criterion: a row stops once its decoded new text contains one of ``stop_strings``.
+
+    Stateful (one detokenizer per row), so use one instance per generate() call.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self._detok: list[StreamingDetokenizer] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._detok:
+            self._detok = [StreamingDetokenizer(self.tokenizer, skip_special_tokens=False)
+                           for _ in range(input_ids.shape[0])]
+        longest = max((len(s) for s in self.stop_strings), default=0)
+        hit = []
+        for det, tok in zip(self._detok, input_ids[:, -1].tolist()):
+            before = len(det.text)
+            det.add(tok)
+            hit.append(_find_stop(det.text, max(0, before - longest + 1), self.stop_strings) >= 0)
+        return torch.tensor(hit, dtype=torch.bool)
+
+
+def tokenizer_vocab_limit(tokenizer: Any) -> int | None:
+    """Number of ids the tokenizer can decode (151851 for Qwen), if it tells."""
+    try:
+        return int(len(tokenizer))
+    except TypeError:
+        n = getattr(tokenizer, "vocab_size", None)
+        return int(n) if n else None
+
+
+def suppress_ids_from(first_invalid: int) -> LogitsProcessor:
+    """A processor banning ids >= first_invalid: the embedding is padded (151936 rows) past the
+    tokenizer's 151851 ids, and those ids cannot be decoded."""
+
+    def processor(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()  # may alias the model's logits
+        scores[..., first_invalid:] = float("-inf")
+        return scores
+
+    return processor
+
+
+def _decodable_guard(model: Any, tokenizer: Any) -> list[LogitsProcessor]:
+    limit = tokenizer_vocab_limit(tokenizer)
+    return [suppress_ids_from(limit)] if limit and limit < model.config.vocab_size else []
+
+
+# ----------------------------------------------------------------------------------------------- generate()
+@dataclass
+class GenerateOutput:
+    """What generate(return_dict_in_generate=True) returns."""
+
+    sequences: torch.Tensor
+    finish_reasons: list[str | None] = field(default_factory=list)
+
+
+def _budget(cfg: GenerationConfig, prompt_len: int, max_new_tokens: int | None, max_length: int | None) -> int:
+    # Explicit arguments beat the config; max_new_tokens beats max_length, as in HF.
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if max_length is not None:
+        return max(0, max_length - prompt_len)
+    if cfg.max_new_tokens is not None:
+        return cfg.max_new_tokens
+    if cfg.max_length is not None:
+        return max(0, cfg.max_length - prompt_len)
+    return 512
+
+
+def generate(
+    model: Any,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | dict | None = None,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    stop_words_ids: list[list[int]] | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    streamer: Any = None,
+    seed: int | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    tokenizer: Any = None,
+    logits_processor: Sequence[LogitsProcessor] | None = None,
+    return_dict_in_generate: bool = False,
+    **ignored_hf_kwargs: Any,
+) -> torch.Tensor | GenerateOutput:
+    """Generate continuations like HF/official ``model.generate``: returns prompt + new ids [B, T+N].
+
+    Arguments override ``generation_config`` (default: model.generation_config, else defaults);
+    other GenerationConfig fields (min_p, presence_penalty, max_length, ...) may be passed as
+    keywords too. Batches must be left-padded (attention_mask 0 on pads); each row then decodes as
+    it would alone. ``seed`` makes sampling reproducible through a private torch.Generator; without
+    it torch's global RNG is used. ``stop_strings`` need ``tokenizer``. ``streamer`` follows HF's
+    protocol: put(prompt ids), put(new ids [B]) per step, end().
+    """
+    if input_ids is None:
+        input_ids = ignored_hf_kwargs.pop("inputs", None)
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids")
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask).reshape(input_ids.shape)
+    max_length = ignored_hf_kwargs.pop("max_length", None)
+    stopping_criteria = list(ignored_hf_kwargs.pop("stopping_criteria", None) or [])
+    cfg, unknown = resolve_generation_config(
+        model, generation_config, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, stop_words_ids=stop_words_ids, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, seed=seed, stop_strings=stop_strings, **ignored_hf_kwargs,
+    )
+    for name in ("num_beams", "num_return_sequences"):
+        if unknown.pop(name, 1) not in (1, None):
+            raise NotImplementedError(f"{name} > 1 is not supported (sampling or greedy decoding only)")
+    if unknown:
+        logger.debug("generate() ignores %s", sorted(unknown))
+
+    b, t = input_ids.shape
+    budget = _budget(cfg, t, max_new_tokens, max_length)
+    if attention_mask is None and cfg.pad_token_id is not None and cfg.pad_token_id not in cfg.eos_token_ids:
+        # HF infers the mask from pad ids when pad != eos.
+        if bool((input_ids == cfg.pad_token_id).any()):
+            attention_mask = (input_ids != cfg.pad_token_id).long()
+    strings = [cfg.stop_strings] if isinstance(cfg.stop_strings, str) else list(cfg.stop_strings or [])
+    if strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings need tokenizer= to decode the generated ids")
+        stopping_criteria.append(StopStringCriteria(tokenizer, strings))
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(int(cfg.seed))
+
+    steps = generate_step(
+        model, input_ids, attention_mask, max_new_tokens=budget, params=cfg.sampling_params(),
+        eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id, stop_words_ids=cfg.stop_words_ids,
+        logits_processor=list(logits_processor or []), stopping_criteria=stopping_criteria, generator=generator,
+    )
+    new: list[torch.Tensor] = []
+    reasons: list[str | None] = [None] * b
+    try:
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for step in steps:
+            new.append(step.tokens)
+            reasons = step.finish_reasons
+            if streamer is not None:
+                streamer.put(step.tokens.cpu())
+    finally:
+        if streamer is not None:
+            streamer.end()
+    out = input_ids.to(model.device)
+    if new:
+        out = torch.cat([out, torch.stack(new, dim=1)], dim=1)
+    return GenerateOutput(out, reasons) if return_dict_in_generate else out
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+@dataclass
+class GenerationResponse:
+    """One record of stream_generate: a text delta for one generated token, plus running statistics.
+
+    The last record has ``finish_reason`` ("stop" or "length") and carries any held-back text.
+    """
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a reused KV cache
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0  # prefill speed (prompt tokens computed / time to first token)
+    generation_tps: float = 0.0  # decode speed after the first token
+    stop_string: str | None = None  # which stop string ended generation, if one did
+
+
+def stream_generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | torch.Tensor,
+    *,
+    generation_config: GenerationConfig | dict | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    skip_special_tokens: bool = True,
+    logits_processor: Sequence[LogitsProcessor] | None = None,
+    cache: Any = None,
+    **overrides: Any,
+) -> Iterator[GenerationResponse]:
+    """Generate from one prompt, yielding a GenerationResponse per token.
+
+    Text deltas never end inside a UTF-8 character and never contain (any prefix of) a stop
+    string: a suffix that could start one is held back until it is ruled out. Generation ends at
+    eos, a stop-word id sequence, a stop string (the text stops before it) or the budget. The eos
+    id's own text is not emitted; with skip_special_tokens other special tokens decode to "".
+    ``overrides`` are GenerationConfig fields (max_new_tokens, temperature, stop_words_ids, seed...).
+    Ids the tokenizer cannot decode (embedding padding) are never sampled.
+    """
+    if isinstance(prompt, str):
+        prompt_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    else:
+        prompt_ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+    cfg, unknown = resolve_generation_config(model, generation_config, stop_strings=stop_strings, **overrides)
+    if unknown:
+        raise TypeError(f"stream_generate() got unknown generation arguments {sorted(unknown)}")
+    strings = [cfg.stop_strings] if isinstance(cfg.stop_strings, str) else [s for s in cfg.stop_strings or [] if s]
+    t = prompt_ids.shape[1]
+    cached = cache.length if cache is not None else 0
+    budget = _budget(cfg, t, None, None)
+    generator = torch.Generator(device=model.device).manual_seed(int(cfg.seed)) if cfg.seed is not None else None
+    eos_ids = set(cfg.eos_token_ids)
+
+    steps = generate_step(
+        model, prompt_ids, max_new_tokens=budget, params=cfg.sampling_params(), eos_token_id=cfg.eos_token_ids,
+        pad_token_id=cfg.pad_token_id, stop_words_ids=cfg.stop_words_ids,
+        logits_processor=list(logits_processor or []) + _decodable_guard(model, tokenizer),
+        generator=generator, cache=cache,
+    )
+    detok = StreamingDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    emitted = 0  # characters of detok.text already yielded
+    n = 0
+    tic = time.perf_counter()
+    t_first = tic
+    prompt_tps = 0.0
+
+    def record(text: str, token: int | None, reason: str | None = None, stop: str | None = None) -> GenerationResponse:
+        now = time.perf_counter()
+        decode_tps = (n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0
+        return GenerationResponse(text, token, reason, t, cached, n, prompt_tps, decode_tps, stop)
+
+    try:
+        for step in steps:
+            n += 1
+            if n == 1:
+                t_first = time.perf_counter()
+                prompt_tps = (t - cached) / max(t_first - tic, 1e-9)
+            tok = int(step.tokens[0])
+            finished = bool(step.finished[0])
+            if not (finished and tok in eos_ids):
+                detok.add(tok)
+            if finished:
+                detok.finalize()
+            text = detok.text
+            if strings:
+                at = _find_stop(text, emitted, strings)
+                if at >= 0:
+                    hit = next(s for s in strings if text.startswith(s, at))
+                    yield record(text[emitted:at], tok, "stop", hit)
+                    return
+            if finished:
+                yield record(text[emitted:], tok, step.finish_reasons[0])
+                return
+            end = len(text) - (_stop_holdback(text, emitted, strings) if strings else 0)
+            delta, emitted = text[emitted:end], max(emitted, end)
+            yield record(delta, tok)
+        # max_new_tokens == 0: nothing was generated.
+        yield record("", None, "length")
+    finally:
+        steps.close()
+
+
+# ----------------------------------------------------------------------------------------------- streamers
+class TextStreamer:
+    """HF-compatible streamer for generate(streamer=...): prints text as it becomes safe to show.
+
+    put() receives the prompt ids first (skipped with skip_prompt=True), then each new id; output
+    never splits a UTF-8 character. Batch size 1 only. Override on_finalized_text to redirect.
+    """
+
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, skip_special_tokens: bool = True,
+                 **decode_kwargs: Any) -> None:
+        self.tokenizer = tokenizer
+        self.skip_prompt = skip_prompt
+        self.skip_special_tokens = skip_special_tokens
+        self.decode_kwargs = decode_kwargs
+        self._reset()
+
+    def _reset(self) -> None:
+        self._detok = StreamingDetokenizer(self.tokenizer, self.skip_special_tokens, **self.decode_kwargs)
+        self.next_tokens_are_prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        value = torch.as_tensor(value)
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError(f"{type(self).__name__} only supports batch size 1")
+        ids = value.reshape(-1).tolist()
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.next_tokens_are_prompt = False
+        text = "".join(self._detok.add(i) for i in ids)
+        if text:
+            self.on_finalized_text(text)
+
+    def end(self) -> None:
+        text = self._detok.finalize()
+        self._reset()
+        self.on_finalized_text(text, stream_end=True)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        print(text, flush=True, end="" if not stream_end else None)
+
+
+class TextIteratorStreamer(TextStreamer):
+    """A TextStreamer whose text deltas are read by iterating it, typically from another thread:
+
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+        Thread(target=model.generate, kwargs=dict(input_ids=ids, streamer=streamer)).start()
+        for delta in streamer: ...
+
+    With ``timeout`` (seconds), waiting longer for the next delta raises queue.Empty.
+    """
+
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None,
+                 skip_special_tokens: bool = True, **decode_kwargs: Any) -> None:
+        super().__init__(tokenizer, skip_prompt, skip_special_tokens, **decode_kwargs)
+        self.text_queue: queue.Queue[str | None] = queue.Queue()
+        self.stop_signal = None
+        self.timeout = timeout
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.text_queue.put(text, timeout=self.timeout)
+        if stream_end:
+            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+
+    def __iter__(self) -> "TextIteratorStreamer":
+        return self
+
+    def __next__(self) -> str:
+        value = self.text_queue.get(timeout=self.timeout)
+        if value is self.stop_signal:
+            raise StopIteration
+        return value
