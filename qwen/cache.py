@@ -52,9 +52,7 @@ class KVCache:
         cfg = model.config
         blocks = model.transformer.h
         devices = [b.ln_1.weight.device for b in blocks]
-        dtype = blocks[0].attn.c_proj.weight.dtype
-        if not dtype.is_floating_point:  # quantized layers: cache in the activation dtype
-            dtype = model.transformer.wte.weight.dtype
+        dtype = model.transformer.ln_f.weight.dtype  # the activation dtype, whatever the linear layers hold
         return cls(cfg.num_hidden_layers, batch_size, cfg.num_attention_heads, cfg.head_dim, capacity, dtype, devices)
 
     @property

@@ -318,6 +318,7 @@ def load_model(
     config: QWenConfig | None = None,
     progress: bool = True,
     strict: bool = True,
+    cpu_packed_weights: bool | None = None,
     **kwargs: Any,
 ) -> QWenLMHeadModel:
     """Load a QWenLMHeadModel from a checkpoint directory (see module docstring).
@@ -325,6 +326,10 @@ def load_model(
     Keyword arguments naming config fields (use_dynamic_ntk, use_logn_attn, seq_length, ...) override
     config.json; loader arguments of transformers that do not apply (trust_remote_code, revision, ...)
     are accepted and ignored.
+
+    ``cpu_packed_weights`` (default: on for fp32 models placed entirely on the CPU) reorders linear
+    weights for oneDNN, which makes CPU inference 1.5-2x faster (see qwen/cpu_pack.py). Pass False
+    to get plain nn.Linear layers, e.g. for training or peft.
     """
     path = resolve_model_path(pretrained_model_name_or_path)
     if not os.path.isdir(path):
@@ -396,6 +401,12 @@ def load_model(
         logger.warning("%s: ignored %d unexpected tensors, e.g. %s", path, len(unexpected), unexpected[:4])
 
     model.eval()
+    from .cpu_pack import pack_linear_layers, packing_supported
+
+    if cpu_packed_weights is None:
+        cpu_packed_weights = all(d.type == "cpu" for d in placement.values()) and packing_supported(dtype)
+    if cpu_packed_weights:
+        pack_linear_layers(model)
     model.name_or_path = str(pretrained_model_name_or_path)
     model.generation_config = _load_generation_config(path)
     return model

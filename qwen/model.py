@@ -292,6 +292,15 @@ class QWenModel(nn.Module):
         return mask
 
 
+def _linear_device(linear: nn.Module) -> torch.device:
+    # Packed or quantized linear layers may not hold a dense .weight; ask their first tensor.
+    if isinstance(linear, nn.Linear):
+        return linear.weight.device
+    for t in linear.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
 class QWenLMHeadModel(nn.Module):
     """The causal LM. ``model(input_ids, attention_mask=None, past_key_values=None, labels=None)``."""
 
@@ -389,8 +398,9 @@ class QWenLMHeadModel(nn.Module):
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        if hidden.device != self.lm_head.weight.device:
-            hidden = hidden.to(self.lm_head.weight.device)
+        head_device = _linear_device(self.lm_head)
+        if hidden.device != head_device:
+            hidden = hidden.to(head_device)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
