@@ -343,6 +343,10 @@ def load_model(
         config = QWenConfig.from_pretrained(path)
     field_names = set(config.__dataclass_fields__)
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
+    # Generic transformers config attributes (the official batch recipe passes pad_token_id here).
+    generic = {k: kwargs.pop(k) for k in list(kwargs) if k in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    if generic:
+        config = config.update(extra={**config.extra, **generic})
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected keyword arguments: {sorted(kwargs)}")
     if overrides:

@@ -13,7 +13,6 @@ device, or wrapped by peft; ``unpack_linear_layers`` restores plain nn.Linear mo
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
@@ -71,13 +70,11 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
-def _linear_children(model: nn.Module, cls: type) -> list[tuple[nn.Module, str, Any]]:
-    found = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is cls:
-                found.append((parent, name, child))
-    return found
+def _linear_children(model: nn.Module, cls: type) -> list[tuple[nn.Module, str]]:
+    # (parent, name) pairs only: holding the children themselves would keep every replaced
+    # weight alive until the end of the loop (peak memory = 2x the model).
+    return [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is cls]
 
 
 def pack_linear_layers(model: nn.Module) -> nn.Module:
@@ -87,20 +84,21 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     one layer at most.
     """
     embedding_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    for parent, name, child in _linear_children(model, nn.Linear):
+    for parent, name in _linear_children(model, nn.Linear):
+        child = getattr(parent, name)
         if child.weight.device.type != "cpu" or not packing_supported(child.weight.dtype):
             continue
         if child.weight.data_ptr() in embedding_ptrs:
             continue  # tied to the embedding: packing would duplicate it
         setattr(parent, name, PackedLinear(child))
-        del child
+        del child  # the dense weight is freed here, before the next layer is packed
     return model
 
 
 def unpack_linear_layers(model: nn.Module) -> nn.Module:
     """Undo pack_linear_layers, in place."""
-    for parent, name, child in _linear_children(model, PackedLinear):
-        setattr(parent, name, child.unpack())
+    for parent, name in _linear_children(model, PackedLinear):
+        setattr(parent, name, getattr(parent, name).unpack())
     return model
 
 

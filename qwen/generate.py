@@ -142,8 +142,27 @@ class GenerationConfig:
         return cls.from_dict(copy.deepcopy(PRESETS[name.lower()]))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
-        """Read generation_config.json from a checkpoint directory or the file itself."""
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "GenerationConfig":
+        """Read generation_config.json from a checkpoint directory or the file itself.
+
+        Keyword arguments override fields (``pad_token_id=...`` as in the official batch recipe);
+        transformers loader arguments (trust_remote_code, revision, ...) are ignored.
+        """
+        from .hub import resolve_model_path
+
+        for k in ("trust_remote_code", "revision", "cache_dir", "local_files_only", "token", "force_download"):
+            kwargs.pop(k, None)
+        if str(path) == "qwen-demo":
+            path = resolve_model_path(path)
+        config = cls._read(path)
+        if kwargs:
+            unknown = config.update(**kwargs)
+            if unknown:
+                raise TypeError(f"GenerationConfig.from_pretrained got unknown fields {sorted(unknown)}")
+        return config
+
+    @classmethod
+    def _read(cls, path: str | os.PathLike) -> "GenerationConfig":
         is_file = os.path.isfile(path) or str(path).endswith(".json")
         file = str(path) if is_file else os.path.join(path, GENERATION_CONFIG_NAME)
         if not os.path.isfile(file):
