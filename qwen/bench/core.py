@@ -66,42 +66,10 @@ def build_model(preset: str, seed: int, dtype_name: str, overrides: dict[str, An
 
 
 def to_transformers(model: Any) -> Any:
-    """A transformers Qwen2ForCausalLM whose parameters share storage with ``model`` (no copy)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """transformers' Qwen2ForCausalLM sharing storage with ``model`` (see qwen/interop.py)."""
+    from ..interop import to_transformers_qwen2
 
-    cfg = model.config
-    ref_cfg = Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads, rms_norm_eps=cfg.layer_norm_epsilon,
-        rope_theta=float(cfg.rotary_emb_base), max_position_embeddings=cfg.seq_length,
-        tie_word_embeddings=cfg.tie_word_embeddings, use_sliding_window=False,
-    )
-    ref_cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        ref = Qwen2ForCausalLM(ref_cfg)
-    sd, h = model.state_dict(), cfg.hidden_size
-    new = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(cfg.num_hidden_layers):
-        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-        w, b = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            new[q + f"self_attn.{name}.weight"] = w[j * h:(j + 1) * h]
-            new[q + f"self_attn.{name}.bias"] = b[j * h:(j + 1) * h]
-        new[q + "self_attn.o_proj.weight"] = sd[p + "attn.c_proj.weight"]
-        new[q + "mlp.gate_proj.weight"] = sd[p + "mlp.w2.weight"]
-        new[q + "mlp.up_proj.weight"] = sd[p + "mlp.w1.weight"]
-        new[q + "mlp.down_proj.weight"] = sd[p + "mlp.c_proj.weight"]
-        new[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
-        new[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
-    ref.load_state_dict(new, strict=False, assign=True)
-    # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them on the CPU.
-    with torch.device("cpu"):
-        ref.model.rotary_emb = type(ref.model.rotary_emb)(config=ref_cfg)
-    ref.generation_config.pad_token_id = 0
-    return ref.eval()
+    return to_transformers_qwen2(model)
 
 
 def _generate_fn(engine: str, model: Any) -> Any:

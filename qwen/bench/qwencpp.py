@@ -1,0 +1,70 @@
+"""qwen.cpp as a benchmark peer: write our weights in its GGML file format and time its decoder.
+
+qwen.cpp (li-plus/QwenLM, archived) runs Qwen-1 tensors under their official names. Its file is:
+the magic ``ggml``; 12 int32 header values (tensor type, vocab, hidden, heads, heads, layers,
+intermediate_size as in config.json, seq_length, eos, pad, im_start, im_end); then per tensor an
+int32 name length, the name, int32 ndim, the shape, the int32 type, and the data at a 16-byte aligned
+offset. 1-D tensors are always f32. We write f32 and f16 here (the fp32 comparison); the quantized
+types belong to the quantization work.
+
+Install (environment.md §5; about 2 minutes to build):
+    CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS="-DCMAKE_POSITION_INDEPENDENT_CODE=ON" \\
+        CMAKE_BUILD_PARALLEL_LEVEL=2 pip install qwen-cpp==0.1.3
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, BinaryIO
+
+import torch
+
+GGML_TYPES = {"f32": 0, "f16": 1}
+ALIGN = 16
+
+
+def available() -> bool:
+    try:
+        import qwen_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tensor_names(num_layers: int) -> list[str]:
+    names = ["transformer.wte.weight"]
+    for i in range(num_layers):
+        p = f"transformer.h.{i}."
+        names += [p + "ln_1.weight", p + "attn.c_attn.weight", p + "attn.c_attn.bias", p + "attn.c_proj.weight",
+                  p + "ln_2.weight", p + "mlp.w1.weight", p + "mlp.w2.weight", p + "mlp.c_proj.weight"]
+    return names + ["transformer.ln_f.weight", "lm_head.weight"]
+
+
+def _write_tensor(f: BinaryIO, name: str, t: torch.Tensor, kind: str) -> None:
+    kind = kind if t.dim() == 2 else "f32"
+    encoded = name.encode()
+    f.write(struct.pack("<i", len(encoded)) + encoded)
+    f.write(struct.pack(f"<{2 + t.dim()}i", t.dim(), *t.shape, GGML_TYPES[kind]))
+    f.seek((f.tell() + ALIGN - 1) // ALIGN * ALIGN)
+    data = t.detach().to(torch.float16 if kind == "f16" else torch.float32).contiguous()
+    f.write(data.numpy().tobytes())
+
+
+def write_ggml(model: Any, path: str | os.PathLike, kind: str = "f32", eos: int = 151643, pad: int = 151643,
+               im_start: int = 151644, im_end: int = 151645) -> None:
+    """Write ``model`` (a QWenLMHeadModel) as a qwen.cpp GGML file."""
+    if kind not in GGML_TYPES:
+        raise ValueError(f"unsupported GGML type {kind!r}; choose from {sorted(GGML_TYPES)}")
+    cfg = model.config
+    state = model.state_dict()
+    if "lm_head.weight" not in state:  # tied embeddings: qwen.cpp wants its own head
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    header = [GGML_TYPES[kind], cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads, cfg.num_attention_heads,
+              cfg.num_hidden_layers, cfg.intermediate_size, cfg.seq_length, eos, pad, im_start, im_end]
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"ggml" + struct.pack(f"<{len(header)}i", *header))
+        for name in _tensor_names(cfg.num_hidden_layers):
+            _write_tensor(f, name, state[name], kind)
+    os.replace(tmp, path)
