@@ -417,7 +417,7 @@ def load_model(
 
 
 def _load_generation_config(path: str) -> Any:
-    from .generate import GenerationConfig
+    from .generation_config import GenerationConfig
 
     file = os.path.join(path, GENERATION_CONFIG_NAME)
     return GenerationConfig.from_pretrained(path) if os.path.exists(file) else GenerationConfig()
@@ -442,13 +442,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- save
-# generation_config.json of the released models (spec §8.6): Qwen-7B-Chat (final) and Qwen-7B base.
-CHAT_GENERATION = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 24000,
-                   "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}
-BASE_GENERATION = {"chat_format": "raw", "eos_token_id": 151643, "pad_token_id": 151643,
-                   "stop_words_ids": [[151643]], "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8}
-
-
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -553,7 +546,7 @@ def init_checkpoint(preset_or_config: str | QWenConfig, save_directory: str | os
                     dtype: torch.dtype = torch.bfloat16, chat: bool = True, **overrides: Any) -> QWenConfig:
     """Write a random-weight checkpoint in the official layout (for testing pipelines without weights)."""
     from .config import preset_config
-    from .generate import GenerationConfig
+    from .generation_config import QWEN_7B_BASE, QWEN_7B_CHAT, GenerationConfig
 
     config = preset_config(preset_or_config, **overrides) if isinstance(preset_or_config, str) else preset_or_config
     config = config.update(torch_dtype=str(dtype).removeprefix("torch."))
@@ -561,7 +554,7 @@ def init_checkpoint(preset_or_config: str | QWenConfig, save_directory: str | os
     model = QWenLMHeadModel(config)
     model.init_weights(seed=seed)
     model.to(dtype)
-    model.generation_config = GenerationConfig.from_dict(dict(CHAT_GENERATION if chat else BASE_GENERATION))
+    model.generation_config = GenerationConfig.from_dict(dict(QWEN_7B_CHAT if chat else QWEN_7B_BASE))
     save_model(model, save_directory)
     return config
 

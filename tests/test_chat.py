@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
-import torch
-from torch import nn
 
 from qwen.chat import ChatSession, chat, chat_stream
 from qwen.chat_template import make_context
 from qwen.config import preset_config
+from scripted import Scripted
 from qwen.generate import GenerationConfig
 from qwen.model import QWenLMHeadModel
 from qwen.tokenizer import QWenTokenizer
@@ -33,43 +31,6 @@ def model() -> QWenLMHeadModel:
     m.init_weights(seed=0)
     m.generation_config = GenerationConfig.from_preset("qwen-7b-chat")
     return m.eval()
-
-
-class _Cache:
-    def __init__(self) -> None:
-        self.length, self.ntk_alpha = 0, None
-
-    def reserve(self, extra: int) -> None:
-        pass
-
-
-class Scripted(nn.Module):
-    """Records the prompt; the i-th generated token is script[i] (one-hot logits)."""
-
-    def __init__(self, script: list[int], generation_config: GenerationConfig | None = None) -> None:
-        super().__init__()
-        self.config = SimpleNamespace(vocab_size=151936)
-        self.anchor = nn.Parameter(torch.zeros(()))
-        self.script, self.prompts, self.forward_calls = list(script), [], 0
-        self.generation_config = generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchor.device
-
-    def new_cache(self, batch_size: int, capacity: int) -> _Cache:
-        return _Cache()
-
-    def forward(self, input_ids, past_key_values=None, **kw):  # type: ignore[no-untyped-def]
-        cache = past_key_values
-        if cache.length == 0:
-            self.prompt_len = input_ids.shape[1]
-            self.prompts.append(input_ids[0].tolist())
-        cache.length += input_ids.shape[1]
-        logits = torch.zeros(input_ids.shape[0], 1, self.config.vocab_size)
-        logits[:, :, self.script[min(cache.length - self.prompt_len, len(self.script) - 1)]] = 10.0
-        self.forward_calls += 1
-        return SimpleNamespace(logits=logits, past_key_values=cache)
 
 
 def enc(tok: QWenTokenizer, *texts: str) -> list[int]:

@@ -11,13 +11,13 @@ import json
 import os
 import queue
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from qwen.config import preset_config
+from scripted import Scripted
 from qwen.generate import (
     QWEN_7B_BASE,
     QWEN_7B_CHAT,
@@ -95,50 +95,6 @@ def official_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: in
 
 
 # ------------------------------------------------------------------ a model that follows a script
-class DummyCache:
-    def __init__(self) -> None:
-        self.length = 0
-        self.ntk_alpha = None
-
-    def reserve(self, extra: int) -> None:
-        pass
-
-    def crop(self, length: int) -> None:
-        self.length = length
-
-
-class Scripted(nn.Module):
-    """Same call signature as QWenLMHeadModel; the i-th generated token is script[i] (one-hot logits)."""
-
-    def __init__(self, script: list[int], vocab_size: int = 151936) -> None:
-        super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab_size)
-        self.anchor = nn.Parameter(torch.zeros(()))
-        self.script = list(script)
-        self.forward_calls = 0
-        self.prompts: list[list[int]] = []
-        self.generation_config = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchor.device
-
-    def new_cache(self, batch_size: int, capacity: int) -> DummyCache:
-        return DummyCache()
-
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=True, logits_to_keep=0, **kw):
-        cache = past_key_values if past_key_values is not None else DummyCache()
-        if cache.length == 0:
-            self.prompt_len = input_ids.shape[1]
-            self.prompts.append(input_ids[0].tolist())
-        cache.length += input_ids.shape[1]
-        fed = cache.length - self.prompt_len  # generated tokens already fed back
-        logits = torch.zeros(input_ids.shape[0], 1, self.config.vocab_size)
-        logits[:, :, self.script[min(fed, len(self.script) - 1)]] = 10.0
-        self.forward_calls += 1
-        return SimpleNamespace(logits=logits, past_key_values=cache)
-
-
 def pieces(tok: QWenTokenizer, *texts: str) -> list[int]:
     return [i for t in texts for i in tok.encode(t, allowed_special=set())]
 

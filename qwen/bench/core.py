@@ -5,9 +5,11 @@ Each engine runs in its own worker process (so peak-RSS numbers do not mix) on i
 with the Qwen-1 weights mapped onto it (c_attn split into q/k/v, w2 -> gate, w1 -> up), which is
 exactly the Qwen-1 network when NTK/LogN are inactive (prompts here stay below seq_length).
 
-Both engines are timed through their public ``generate`` (greedy, no early stop):
-  prefill tok/s = prompt_len / t(generate 1 new token)
-  decode tok/s  = (N - 1) / (t(generate N new tokens) - t(generate 1 new token))
+Engines are timed through their public ``generate`` (greedy, no early stop) with a streamer that
+timestamps each new token; per prompt length, over ``--repeats`` generations of N tokens:
+  prefill tok/s = prompt_len / (best time to the first new token)
+  decode tok/s  = 1 / (median interval between consecutive new tokens, over all repeats)
+The median keeps transient load from other tenants of a shared VM out of the decode figure.
 Decode is also stated as a share of the memory-read bandwidth measured in the same run: bytes of
 weights read per token (everything but the embedding table, plus the KV cache) x tok/s / bandwidth.
 """
@@ -22,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 from typing import Any
 
 WORKER_FLAG = "--worker"
@@ -72,19 +75,47 @@ def to_transformers(model: Any) -> Any:
     return to_transformers_qwen2(model)
 
 
+class TimingStreamer:
+    """HF streamer protocol (put(prompt), put(token)..., end()) that timestamps every generated token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def _generate_fn(engine: str, model: Any) -> Any:
+    """run(ids, n) -> (seconds to the first new token, [seconds between consecutive new tokens])."""
     import torch
+
+    def timed(call: Any, n: int) -> tuple[float, list[float]]:
+        streamer = TimingStreamer()
+        t0 = time.perf_counter()
+        call(streamer)
+        times = streamer.times
+        if len(times) != n:
+            raise RuntimeError(f"{engine}: expected {n} streamed tokens, got {len(times)}")
+        return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
 
     if engine.startswith("ours"):
         from ..generate import generate
 
-        def run(ids: torch.Tensor, n: int) -> torch.Tensor:
-            return generate(model, ids, max_new_tokens=n, do_sample=False, eos_token_id=[], stop_words_ids=[],
-                            repetition_penalty=1.0)
+        def run(ids: torch.Tensor, n: int) -> tuple[float, list[float]]:
+            return timed(lambda s: generate(model, ids, max_new_tokens=n, do_sample=False, eos_token_id=[],
+                                            stop_words_ids=[], repetition_penalty=1.0, streamer=s), n)
     else:
-        def run(ids: torch.Tensor, n: int) -> torch.Tensor:
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0, eos_token_id=None)
+        def run(ids: torch.Tensor, n: int) -> tuple[float, list[float]]:
+            return timed(lambda s: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                  min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                                  eos_token_id=None, streamer=s), n)
     return run
 
 
@@ -94,6 +125,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if args.engine == "bandwidth":
         return {"engine": "bandwidth", "bandwidth": measure_read_bandwidth()}
+    if args.engine == "qwen.cpp":
+        from .qwencpp import run_worker
+
+        return run_worker(args)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = build_model(args.preset, args.seed, args.dtype, json.loads(args.overrides))
     engine_model = to_transformers(model) if args.engine == "transformers" else model
@@ -118,26 +153,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         run(torch.randint(0, 1000, (1, 16), generator=gen), 4)  # warm-up
         for prompt_len in args.prompt_lens:
             ids = torch.randint(0, 1000, (1, prompt_len), generator=gen)
-            t_first = min(_timed(run, ids, 1) for _ in range(args.repeats))
-            t_full = min(_timed(run, ids, args.new_tokens) for _ in range(max(1, args.repeats - 1)))
-            decode_tps = (args.new_tokens - 1) / max(t_full - t_first, 1e-9)
+            timings = [run(ids, args.new_tokens) for _ in range(args.repeats)]
             ctx = prompt_len + args.new_tokens / 2  # mean context while decoding
             kv_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * ctx * esize
             results.append({
                 "prompt_len": prompt_len, "new_tokens": args.new_tokens,
-                "prefill_tok_s": prompt_len / t_first, "decode_tok_s": decode_tps,
+                "prefill_tok_s": prompt_len / min(t for t, _ in timings),
+                "decode_tok_s": 1 / median([d for _, gaps in timings for d in gaps]),
                 "bytes_per_token": weight_bytes + kv_bytes,
             })
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"engine": args.engine, "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
             "parameters": sum(n for n, _ in params.values()), "weight_bytes_per_token": weight_bytes,
             "peak_rss_bytes": peak, "rss_before_model": rss0, "results": results}
-
-
-def _timed(run: Any, ids: Any, n: int) -> float:
-    t0 = time.perf_counter()
-    run(ids, n)
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -191,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", default="ours,transformers",
                    help="comma-separated: ours (default CPU path: oneDNN-packed weights), ours-unpacked "
-                        "(plain nn.Linear), transformers (needs the dev extra)")
+                        "(plain nn.Linear), transformers (needs the dev extra), qwen.cpp (needs qwen-cpp; see "
+                        "qwen/bench/qwencpp.py)")
     p.add_argument("--overrides", default="{}", help='JSON config overrides, e.g. \'{"num_hidden_layers": 4}\'')
     p.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     p.add_argument("--engine", help=argparse.SUPPRESS)
@@ -205,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if "qwen.cpp" in engines:
+        from .qwencpp import available
+
+        if not available():
+            print("qwen.cpp is not installed; skipping it (see qwen/bench/qwencpp.py for the install line)",
+                  file=sys.stderr)
+            engines.remove("qwen.cpp")
     if "ours" not in engines:
         engines.insert(0, "ours")
     print("measuring memory read bandwidth ...", file=sys.stderr, flush=True)

@@ -68,3 +68,80 @@ def write_ggml(model: Any, path: str | os.PathLike, kind: str = "f32", eos: int 
         for name in _tensor_names(cfg.num_hidden_layers):
             _write_tensor(f, name, state[name], kind)
     os.replace(tmp, path)
+
+
+def bytes_per_token(config: Any, dtype_size: int) -> int:
+    """Weights read per decode token: everything but the embedding table."""
+    return (config.num_parameters() - config.vocab_size * config.hidden_size) * dtype_size
+
+
+def run_worker(args: Any) -> dict[str, Any]:
+    """The ``qwen.cpp`` engine of ``qwen bench``: same seeded weights, same prompts, greedy, timed like ours."""
+    import resource
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import qwen_cpp
+
+    from ..config import preset_config
+    from ..tokenizer import bundled_vocab_path
+
+    if args.dtype != "float32":
+        raise ValueError("the qwen.cpp comparison is wired for float32 (GGML f32) only")
+    workdir = tempfile.mkdtemp(prefix="qwen-ggml-")
+    path = os.path.join(workdir, "model.bin")
+    # Write the file from a separate process so this worker's peak RSS is qwen.cpp's alone.
+    subprocess.run([sys.executable, "-m", "qwen.bench.qwencpp", path, args.preset, str(args.seed), args.overrides],
+                   check=True)
+    try:
+        pipe = qwen_cpp.Pipeline(path, str(bundled_vocab_path()))
+        config = preset_config(args.preset, **__import__("json").loads(args.overrides))
+        gen = torch.Generator().manual_seed(1)
+
+        def run(ids: list[int], n: int) -> tuple[float, list[float]]:
+            """(seconds to the first new token, [seconds between new tokens]) for one greedy generation."""
+            cfg = qwen_cpp._C.GenerationConfig(max_length=len(ids) + n + 1, max_context_length=len(ids) + n + 1,
+                                               do_sample=False, num_threads=args.threads)
+            ids = list(ids)
+            n_past, n_ctx = 0, len(ids)
+            t0 = time.perf_counter()
+            times = []
+            for _ in range(n):
+                tok = pipe.model.generate_next_token(ids, cfg, n_past, n_ctx)
+                times.append(time.perf_counter())
+                n_past = len(ids)
+                ids.append(tok)
+            return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
+
+        run(torch.randint(0, 1000, (16,), generator=gen).tolist(), 4)  # warm-up
+        results = []
+        for prompt_len in args.prompt_lens:
+            ids = torch.randint(0, 1000, (prompt_len,), generator=gen).tolist()
+            timings = [run(ids, args.new_tokens) for _ in range(args.repeats)]
+            ctx = prompt_len + args.new_tokens / 2
+            results.append({
+                "prompt_len": prompt_len, "new_tokens": args.new_tokens,
+                "prefill_tok_s": prompt_len / min(t for t, _ in timings),
+                "decode_tok_s": 1 / statistics.median([d for _, gaps in timings for d in gaps]),
+                "bytes_per_token": bytes_per_token(config, 4) + 2 * config.num_hidden_layers * config.hidden_size * ctx * 4,
+            })
+    finally:
+        os.unlink(path)
+        os.rmdir(workdir)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"engine": "qwen.cpp", "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
+            "parameters": config.num_parameters(), "weight_bytes_per_token": bytes_per_token(config, 4),
+            "peak_rss_bytes": peak, "results": results}
+
+
+if __name__ == "__main__":  # python -m qwen.bench.qwencpp OUT PRESET SEED OVERRIDES_JSON
+    import json
+    import sys
+
+    from .core import build_model
+
+    out, preset, seed, overrides = sys.argv[1:5]
+    write_ggml(build_model(preset, int(seed), "float32", json.loads(overrides)), out)
