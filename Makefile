@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 MODEL  ?= qwen-demo
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup chat test test-slow test-all bench lint clean
+.PHONY: setup chat test test-slow test-all bench peers clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,12 @@ test-slow: setup       ## bigger shapes and end-to-end runs
 test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
 
-bench: setup           ## decode/prefill benchmarks vs transformers (see docs/benchmarks.md)
-	$(VENV)/bin/qwen bench --preset qwen-300m
+bench: setup           ## decode/prefill benchmarks vs transformers, and qwen.cpp once `make peers` ran
+	$(VENV)/bin/qwen bench --preset qwen-300m --engines ours,qwen.cpp,transformers
+
+peers: setup           ## build qwen.cpp (~2.5 min; optional benchmark peer and parity check)
+	CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS="-DCMAKE_POSITION_INDEPENDENT_CODE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install -q --disable-pip-version-check qwen-cpp==0.1.3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
