@@ -59,8 +59,20 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    # Read access like the official tuple-of-layers: len() is the layer count and cache[i] is layer i's
+    # (K, V) as [B, S, heads, head_dim] views (sequence on dim 1, keys after RoPE), so code written
+    # against the official past_key_values keeps working. cache.length is the number of filled slots.
     def __len__(self) -> int:
-        return self.length
+        return self.num_layers
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -self.num_layers <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range for a {self.num_layers}-layer cache")
+        n = self.length
+        return self.keys[layer][:, :, :n].transpose(1, 2), self.values[layer][:, :, :n].transpose(1, 2)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return (self[i] for i in range(self.num_layers))
 
     def reserve(self, extra: int) -> None:
         """Make room for ``extra`` more slots, doubling the capacity if needed."""
@@ -129,11 +141,7 @@ class KVCache:
     # ------------------------------------------------------------------ official tuple format
     def to_legacy(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """The official ``past_key_values`` layout: per layer (K, V) as [B, S, h, d] (spec §4.7)."""
-        n = self.length
-        return tuple(
-            (self.keys[i][:, :, :n].transpose(1, 2), self.values[i][:, :, :n].transpose(1, 2))
-            for i in range(self.num_layers)
-        )
+        return tuple(self[i] for i in range(self.num_layers))
 
     @classmethod
     def from_legacy(cls, past: Sequence[Sequence[torch.Tensor]], extra_capacity: int = 0) -> "KVCache":

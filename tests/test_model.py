@@ -270,6 +270,10 @@ def test_legacy_tuple_cache_round_trip():
         out = model(ids[:, :11])
         legacy = out.past_key_values.to_legacy()
         assert legacy[0][0].shape == (1, 11, 4, 16)  # [B, S, heads, head_dim], sequence on dim 1
+        # The cache itself reads like the official tuple: len = layers, [i] = (K, V) of layer i.
+        cache = out.past_key_values
+        assert len(cache) == 2 and cache[1][1].shape == (1, 11, 4, 16) and torch.equal(cache[0][0], legacy[0][0])
+        assert [kv[0].shape[1] for kv in cache] == [11, 11]
         a = model(ids[:, 11:], past_key_values=legacy).logits
         b = model(ids[:, 11:], past_key_values=out.past_key_values).logits
     assert torch.equal(a, b)
