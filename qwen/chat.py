@@ -51,6 +51,19 @@ def _history(history: Sequence[Sequence[str]] | None) -> HistoryType:
     return [tuple(turn) for turn in copy.deepcopy(list(history or []))]  # type: ignore[misc]
 
 
+def _turn_prompt(
+    tokenizer: Any, query: str, history: HistoryType, system: str, cfg: GenerationConfig,
+    max_window_size: int | None, stop_words_ids: Sequence[Sequence[int]] | None,
+) -> tuple[str, list[int], list[list[int]]]:
+    """(raw_text, context ids, stop words) for one turn, as the official chat builds them."""
+    raw_text, context_tokens = make_context(
+        tokenizer, query, history=history, system=system, max_window_size=max_window_size or cfg.max_window_size,
+        chat_format=cfg.chat_format,
+    )
+    stops = [list(s) for s in stop_words_ids or []] + get_stop_words_ids(cfg.chat_format, tokenizer)
+    return raw_text, context_tokens, stops
+
+
 def chat(
     model: Any,
     tokenizer: Any,
@@ -71,11 +84,8 @@ def chat(
         raise ValueError(_ERROR_STREAM_IN_CHAT)
     cfg = _chat_config(model, generation_config)
     history = _history(history)
-    max_window_size = kwargs.pop("max_window_size", None) or cfg.max_window_size
-    raw_text, context_tokens = make_context(
-        tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=cfg.chat_format
-    )
-    stops = list(stop_words_ids or []) + get_stop_words_ids(cfg.chat_format, tokenizer)
+    raw_text, context_tokens, stops = _turn_prompt(tokenizer, query, history, system, cfg,
+                                                   kwargs.pop("max_window_size", None), stop_words_ids)
     processors = list(kwargs.pop("logits_processor", None) or []) + _decodable_guard(model, tokenizer)
     input_ids = torch.tensor([context_tokens], dtype=torch.long, device=model.device)
     outputs = generate(model, input_ids, generation_config=cfg, stop_words_ids=stops, logits_processor=processors,
@@ -103,12 +113,8 @@ def chat_stream(
     never ends inside a UTF-8 character. History is not updated.
     """
     cfg = _chat_config(model, generation_config)
-    max_window_size = kwargs.pop("max_window_size", None) or cfg.max_window_size
-    _, context_tokens = make_context(
-        tokenizer, query, history=_history(history), system=system, max_window_size=max_window_size,
-        chat_format=cfg.chat_format,
-    )
-    stops = list(stop_words_ids or []) + get_stop_words_ids(cfg.chat_format, tokenizer)
+    _, context_tokens, stops = _turn_prompt(tokenizer, query, _history(history), system, cfg,
+                                            kwargs.pop("max_window_size", None), stop_words_ids)
 
     def gen() -> Iterator[str]:
         text, shown, yielded = "", "", False
@@ -197,9 +203,7 @@ class ChatSession:
         unknown = cfg.update(**{k: v for k, v in overrides.items() if v is not None})
         if unknown:
             raise ValueError(f"unknown generation settings {sorted(unknown)}")
-        _, ids = make_context(self.tokenizer, query, history=self.history, system=self.system,
-                              max_window_size=cfg.max_window_size, chat_format=cfg.chat_format)
-        stops = self.stop_words_ids + get_stop_words_ids(cfg.chat_format, self.tokenizer)
+        _, ids, stops = _turn_prompt(self.tokenizer, query, self.history, self.system, cfg, None, self.stop_words_ids)
         cache = self._prepare_cache(ids, cfg.max_new_tokens or 512)
         self._cache_ids = []  # invalid until this turn completes
         generated: list[int] = []
