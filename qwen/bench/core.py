@@ -68,13 +68,6 @@ def build_model(preset: str, seed: int, dtype_name: str, overrides: dict[str, An
     return model.to(getattr(torch, dtype_name)).eval()
 
 
-def to_transformers(model: Any) -> Any:
-    """transformers' Qwen2ForCausalLM sharing storage with ``model`` (see qwen/interop.py)."""
-    from ..interop import to_transformers_qwen2
-
-    return to_transformers_qwen2(model)
-
-
 class TimingStreamer:
     """HF streamer protocol (put(prompt), put(token)..., end()) that timestamps every generated token."""
 
@@ -119,6 +112,35 @@ def _generate_fn(engine: str, model: Any) -> Any:
     return run
 
 
+def weight_bytes_per_token(config: Any, esize: int) -> int:
+    """Weight bytes one decode step reads: everything but the embedding table (a gather of one row),
+    except that a tied head reads that table."""
+    head_is_table = config.tie_word_embeddings
+    return (config.num_parameters() - (0 if head_is_table else config.vocab_size * config.hidden_size)) * esize
+
+
+def measure(run: Any, config: Any, esize: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time ``run(ids [1, T], n) -> (seconds to first token, [inter-token seconds])`` per prompt length."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    run(torch.randint(0, 1000, (1, 16), generator=gen), 4)  # warm-up
+    weights = weight_bytes_per_token(config, esize)
+    results = []
+    for prompt_len in args.prompt_lens:
+        ids = torch.randint(0, 1000, (1, prompt_len), generator=gen)
+        timings = [run(ids, args.new_tokens) for _ in range(args.repeats)]
+        ctx = prompt_len + args.new_tokens / 2  # mean context while decoding
+        kv_bytes = 2 * config.num_hidden_layers * config.hidden_size * ctx * esize
+        results.append({
+            "prompt_len": prompt_len, "new_tokens": args.new_tokens,
+            "prefill_tok_s": prompt_len / min(t for t, _ in timings),
+            "decode_tok_s": 1 / median([d for _, gaps in timings for d in gaps]),
+            "bytes_per_token": weights + kv_bytes,
+        })
+    return results
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -131,40 +153,24 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         return run_worker(args)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = build_model(args.preset, args.seed, args.dtype, json.loads(args.overrides))
-    engine_model = to_transformers(model) if args.engine == "transformers" else model
-    cfg = model.config
-    esize = torch.empty((), dtype=model.dtype).element_size()
-    # Sizes come from the dense state dict, taken before packing (a packed model's state_dict()
-    # materialises dense copies, which would inflate the peak RSS we report).
-    params = {n: (t.numel(), t.element_size()) for n, t in model.state_dict().items()}
-    weight_bytes = sum(n * e for k, (n, e) in params.items() if "wte" not in k)
-    if cfg.tie_word_embeddings:
-        weight_bytes += params["transformer.wte.weight"][0] * esize
+    if args.engine == "transformers":
+        from ..interop import to_transformers_qwen2
+
+        engine_model = to_transformers_qwen2(model)
+    else:
+        engine_model = model
     if args.engine == "ours":
         # The default CPU inference path of from_pretrained (fp32 weights packed for oneDNN).
         from ..cpu_pack import pack_linear_layers, packing_supported
 
         if packing_supported(model.dtype):
             pack_linear_layers(model)
-    run = _generate_fn(args.engine, engine_model)
-    gen = torch.Generator().manual_seed(1)
-    results = []
+    config, esize = model.config, torch.empty((), dtype=model.dtype).element_size()
     with torch.inference_mode():
-        run(torch.randint(0, 1000, (1, 16), generator=gen), 4)  # warm-up
-        for prompt_len in args.prompt_lens:
-            ids = torch.randint(0, 1000, (1, prompt_len), generator=gen)
-            timings = [run(ids, args.new_tokens) for _ in range(args.repeats)]
-            ctx = prompt_len + args.new_tokens / 2  # mean context while decoding
-            kv_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * ctx * esize
-            results.append({
-                "prompt_len": prompt_len, "new_tokens": args.new_tokens,
-                "prefill_tok_s": prompt_len / min(t for t, _ in timings),
-                "decode_tok_s": 1 / median([d for _, gaps in timings for d in gaps]),
-                "bytes_per_token": weight_bytes + kv_bytes,
-            })
+        results = measure(_generate_fn(args.engine, engine_model), config, esize, args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"engine": args.engine, "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
-            "parameters": sum(n for n, _ in params.values()), "weight_bytes_per_token": weight_bytes,
+            "parameters": config.num_parameters(), "weight_bytes_per_token": weight_bytes_per_token(config, esize),
             "peak_rss_bytes": peak, "rss_before_model": rss0, "results": results}
 
 

@@ -70,15 +70,10 @@ def write_ggml(model: Any, path: str | os.PathLike, kind: str = "f32", eos: int 
     os.replace(tmp, path)
 
 
-def bytes_per_token(config: Any, dtype_size: int) -> int:
-    """Weights read per decode token: everything but the embedding table."""
-    return (config.num_parameters() - config.vocab_size * config.hidden_size) * dtype_size
-
-
 def run_worker(args: Any) -> dict[str, Any]:
     """The ``qwen.cpp`` engine of ``qwen bench``: same seeded weights, same prompts, greedy, timed like ours."""
+    import json
     import resource
-    import statistics
     import subprocess
     import sys
     import tempfile
@@ -88,9 +83,11 @@ def run_worker(args: Any) -> dict[str, Any]:
 
     from ..config import preset_config
     from ..tokenizer import bundled_vocab_path
+    from .core import measure, weight_bytes_per_token
 
     if args.dtype != "float32":
         raise ValueError("the qwen.cpp comparison is wired for float32 (GGML f32) only")
+    config = preset_config(args.preset, **json.loads(args.overrides))
     workdir = tempfile.mkdtemp(prefix="qwen-ggml-")
     path = os.path.join(workdir, "model.bin")
     # Write the file from a separate process so this worker's peak RSS is qwen.cpp's alone.
@@ -98,14 +95,12 @@ def run_worker(args: Any) -> dict[str, Any]:
                    check=True)
     try:
         pipe = qwen_cpp.Pipeline(path, str(bundled_vocab_path()))
-        config = preset_config(args.preset, **__import__("json").loads(args.overrides))
-        gen = torch.Generator().manual_seed(1)
 
-        def run(ids: list[int], n: int) -> tuple[float, list[float]]:
+        def run(prompt: torch.Tensor, n: int) -> tuple[float, list[float]]:
             """(seconds to the first new token, [seconds between new tokens]) for one greedy generation."""
+            ids = prompt[0].tolist()
             cfg = qwen_cpp._C.GenerationConfig(max_length=len(ids) + n + 1, max_context_length=len(ids) + n + 1,
                                                do_sample=False, num_threads=args.threads)
-            ids = list(ids)
             n_past, n_ctx = 0, len(ids)
             t0 = time.perf_counter()
             times = []
@@ -116,24 +111,13 @@ def run_worker(args: Any) -> dict[str, Any]:
                 ids.append(tok)
             return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
 
-        run(torch.randint(0, 1000, (16,), generator=gen).tolist(), 4)  # warm-up
-        results = []
-        for prompt_len in args.prompt_lens:
-            ids = torch.randint(0, 1000, (prompt_len,), generator=gen).tolist()
-            timings = [run(ids, args.new_tokens) for _ in range(args.repeats)]
-            ctx = prompt_len + args.new_tokens / 2
-            results.append({
-                "prompt_len": prompt_len, "new_tokens": args.new_tokens,
-                "prefill_tok_s": prompt_len / min(t for t, _ in timings),
-                "decode_tok_s": 1 / statistics.median([d for _, gaps in timings for d in gaps]),
-                "bytes_per_token": bytes_per_token(config, 4) + 2 * config.num_hidden_layers * config.hidden_size * ctx * 4,
-            })
+        results = measure(run, config, 4, args)
     finally:
         os.unlink(path)
         os.rmdir(workdir)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"engine": "qwen.cpp", "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
-            "parameters": config.num_parameters(), "weight_bytes_per_token": bytes_per_token(config, 4),
+            "parameters": config.num_parameters(), "weight_bytes_per_token": weight_bytes_per_token(config, 4),
             "peak_rss_bytes": peak, "results": results}
 
 
