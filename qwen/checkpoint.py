@@ -301,10 +301,6 @@ def _auto_device_map(config: QWenConfig, units: list[str], dtype: torch.dtype) -
     return out
 
 
-def _module_for_unit(model: QWenLMHeadModel, unit: str) -> torch.nn.Module:
-    return model.get_submodule(unit)
-
-
 # ---------------------------------------------------------------------------------------------- load
 def load_model(
     pretrained_model_name_or_path: str | os.PathLike,
@@ -370,7 +366,7 @@ def load_model(
     for unit, dev in placement.items():
         if unit == "lm_head" and config.tie_word_embeddings:
             continue
-        _module_for_unit(model, unit).to_empty(device=dev)
+        model.get_submodule(unit).to_empty(device=dev)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
 

@@ -14,7 +14,7 @@ import torch
 from qwen.cache import KVCache
 from qwen.config import QWenConfig, logn_factor, ntk_alpha, ntk_base, preset_config
 from qwen.model import QWenLMHeadModel
-from reference import qwen2_reference
+from qwen.interop import to_transformers_qwen2
 
 pytest.importorskip("transformers")
 
@@ -79,7 +79,7 @@ def test_official_shapes_and_parameter_counts():
 # ------------------------------------------------------------------------------------------ parity
 def test_parity_with_qwen2_prefill_and_32_cached_decode_steps():
     model = make_model(use_dynamic_ntk=False, use_logn_attn=False)
-    ref = qwen2_reference(model)
+    ref = to_transformers_qwen2(model)
     torch.manual_seed(1)
     ids = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_dynamic_ntk_equals_qwen2_with_the_stretched_base():
     ids = torch.randint(0, 512, (1, 150))  # 150 > 2*64 -> alpha 7
     alpha = ntk_alpha(150, 64)
     assert alpha == 7
-    ref = qwen2_reference(model, rope_theta=ntk_base(model.config.rotary_emb_base, alpha, model.config.rotary_dim))
+    ref = to_transformers_qwen2(model, rope_theta=ntk_base(model.config.rotary_emb_base, alpha, model.config.rotary_dim))
     with torch.no_grad():
         diff = (model(ids, use_cache=False).logits - ref(ids).logits).abs().max().item()
     assert diff < 1e-4
