@@ -1,0 +1,1 @@
+"""Fine-tuning (SFT and continued pretraining) for first-generation Qwen models."""
