@@ -331,7 +331,12 @@ def load_model(
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: expected a checkpoint directory")
     if os.path.exists(os.path.join(path, "adapter_config.json")) and not os.path.exists(os.path.join(path, CONFIG_NAME)):
-        raise CheckpointError(f"{path}: this is a LoRA adapter directory; adapter loading arrives with the training issue")
+        # A LoRA adapter directory: load its base, merge the adapter (qwen/finetune/lora.py).
+        from .finetune.lora import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(path, device_map=device_map, device=device, torch_dtype=torch_dtype,
+                                       bf16=bf16, fp16=fp16, fp32=fp32, config=config, progress=progress,
+                                       strict=strict, cpu_packed_weights=cpu_packed_weights, **kwargs)
     for k in list(kwargs):
         if k in IGNORED_LOAD_KWARGS:
             kwargs.pop(k)
@@ -407,6 +412,8 @@ def load_model(
         cpu_packed_weights = all(d.type == "cpu" for d in placement.values()) and packing_supported(dtype)
     if cpu_packed_weights:
         pack_linear_layers(model)
+        # A packed model is for inference: frozen parameters let model(ids) run without no_grad().
+        model.requires_grad_(False)
     model.name_or_path = str(pretrained_model_name_or_path)
     model.generation_config = _load_generation_config(path)
     return model

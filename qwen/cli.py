@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("qwen.commands.generate", "one-shot generation from a prompt (raw or chat)"),
     "info": ("qwen.commands.info", "describe a checkpoint: config, parameters, dtype, size on disk"),
     "init": ("qwen.commands.init", "write a random-weight checkpoint in the official layout"),
+    "train": ("qwen.commands.train", "fine-tune (full or LoRA) or pretrain; --recipe demo builds the demo model"),
+    "merge": ("qwen.commands.merge", "merge a LoRA adapter into its base model and save in the official layout"),
     "bench": ("qwen.bench.core", "decode/prefill speed and memory, side by side with transformers"),
 }
 

@@ -56,3 +56,14 @@ def test_tied_head_is_not_duplicated_and_training_is_refused():
     x = torch.randn(1, 4, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference"):
         model.transformer.h[0].mlp.w1(x)
+
+
+def test_loaded_packed_model_runs_outside_no_grad(tmp_path):
+    # transformers users call model(ids) without torch.no_grad(); packed (inference) models are frozen
+    from qwen.checkpoint import init_checkpoint, load_model
+
+    init_checkpoint("tiny", tmp_path, seed=0)
+    model = load_model(tmp_path, progress=False)
+    assert is_packed(model) and not any(p.requires_grad for p in model.parameters())
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all()
