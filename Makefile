@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 MODEL  ?= qwen-demo
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup chat test test-slow test-all bench peers clean
+.PHONY: setup chat test test-slow test-all bench peers demo-model clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ bench: setup           ## decode/prefill benchmarks vs transformers, and qwen.cp
 peers: setup           ## build qwen.cpp (~2.5 min; optional benchmark peer and parity check)
 	CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS="-DCMAKE_POSITION_INDEPENDENT_CODE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(PY) -m pip install -q --disable-pip-version-check qwen-cpp==0.1.3
+
+demo-model: setup      ## rebuild the embedded demo model into qwen/assets/demo (~45-60 min on 2 CPU cores)
+	$(VENV)/bin/qwen train --recipe demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
