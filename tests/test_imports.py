@@ -11,7 +11,8 @@ from pathlib import Path
 import qwen
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ["transformers", "tqdm", "peft", "gradio", "fastapi", "uvicorn", "accelerate", "hypothesis", "pytest"]
+OPTIONAL = ["transformers", "tqdm", "peft", "gradio", "fastapi", "uvicorn", "accelerate", "hypothesis", "pytest",
+            "deepspeed"]
 
 
 def test_all_modules_import_without_optional_dependencies():

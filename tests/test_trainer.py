@@ -188,8 +188,17 @@ def test_lora_trainer_checkpoints_only_trainable_weights(tmp_path):
     assert saved and all("lora_" in k for k in saved)
 
 
-def _train_cli(args: list[str], cwd: Path, nproc: int | None = None, port: int = 29531) -> subprocess.CompletedProcess:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_cli(args: list[str], cwd: Path, nproc: int | None = None) -> subprocess.CompletedProcess:
     if nproc:
+        port = _free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                "-m", "qwen", "train", *args]
     else:
@@ -216,8 +225,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, mode):
               "--lr", "1e-3", "--no-progress", "--distributed", mode]
     single = _train_cli([*common, "--output", "one", "--grad-accum", "2"], tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = _train_cli([*common, "--output", "two", "--grad-accum", "1"], tmp_path, nproc=2,
-                       port=29531 if mode == "ddp" else 29532)
+    multi = _train_cli([*common, "--output", "two", "--grad-accum", "1"], tmp_path, nproc=2)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

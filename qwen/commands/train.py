@@ -3,6 +3,7 @@
 Single process:   qwen train --model DIR --data train.json --method lora --output out/
 Data parallel:    torchrun --nproc_per_node 4 -m qwen train --model DIR --data train.json --output out/
 Sharded (FSDP):   torchrun --nproc_per_node 8 -m qwen train ... --method full --distributed fsdp
+DeepSpeed ZeRO:   torchrun --nproc_per_node 8 -m qwen train ... --deepspeed zero3   (pip install deepspeed==0.19.8)
 Multi-node:       the same with torchrun's --nnodes/--node-rank/--rdzv-endpoint flags.
 The demo model:   qwen train --recipe demo   (see docs/demo-model.md)
 """
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in --output (or from the given directory)")
     r.add_argument("--distributed", choices=["auto", "ddp", "fsdp"], default="auto",
                    help="under torchrun: ddp (default) or fsdp (shards parameters, gradients, optimizer state)")
+    r.add_argument("--deepspeed", metavar="zero2|zero3|CONFIG.json", default=None,
+                   help="DeepSpeed ZeRO instead of DDP/FSDP: the bundled zero2 / zero3 config or a DeepSpeed JSON "
+                   "file; its \"auto\" values are filled from these flags and its optimizer/scheduler sections are "
+                   "ignored (AdamW + warmup/cosine stay ours). Needs: pip install deepspeed==0.19.8")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                  max_grad_norm=args.max_grad_norm or None, precision=args.precision,
                  gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
                  group_by_length=args.group_by_length, eval_every=args.eval_every, save_every=args.save_every,
-                 keep_last=args.keep_last, progress=not args.no_progress, distributed=args.distributed)
+                 keep_last=args.keep_last, progress=not args.no_progress, distributed=args.distributed,
+                 deepspeed=args.deepspeed)
     if args.lr is not None:
         train["lr"] = args.lr
     embeddings = {"auto": None, "yes": True, "no": False}[args.lora_train_embeddings]
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                            lora_train_embeddings=embeddings, resume=args.resume, train=train)
     try:
         result = finetune(opts)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"qwen train: error: {e}", file=sys.stderr)
         return 2
     if result.interrupted:

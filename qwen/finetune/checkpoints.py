@@ -1,10 +1,12 @@
 """Training checkpoints that are either complete or absent.
 
 A checkpoint is a directory ``step-00000120/`` holding the trainable weights (safetensors), the
-optimizer/scheduler/scaler state, one RNG file per rank and ``trainer_state.json``. It is written
-into a hidden temp directory and renamed into place, so a crash mid-write leaves the previous
-checkpoints untouched. ``trainer_state.json`` lists every file with its size and sha256: resuming
-from a damaged checkpoint fails with the name of the damaged file instead of silently restarting.
+optimizer/scheduler/scaler state (under DeepSpeed instead: every rank's shards in ``deepspeed/``),
+one RNG file per rank and ``trainer_state.json``. It is written into a hidden temp directory and
+renamed into place, so a crash mid-write leaves the previous checkpoints untouched.
+``trainer_state.json`` lists every file (sub-directories included) with its size and sha256:
+resuming from a damaged checkpoint fails with the name of the damaged file instead of silently
+restarting.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ def stage_dir(root: Path) -> Path:
 def commit(stage: Path, root: Path, step: int, state: dict[str, Any], keep_last: int | None) -> Path:
     """Write the manifest, rename ``stage`` to ``step-N`` and drop all but the newest ``keep_last``."""
     files = {}
-    for p in sorted(stage.iterdir()):
+    for p in sorted(stage.rglob("*")):  # sub-directories too (DeepSpeed's shards live in deepspeed/)
         if p.is_file():
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.relative_to(stage).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     state = dict(state, step=step, files=files)
     tmp = stage / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=2, ensure_ascii=False))

@@ -234,9 +234,13 @@ def _write_adapter_config(config: Any, file: Path) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_adapter(peft_model: Any, out_dir: str | os.PathLike, *, base_model_path: str | os.PathLike) -> Path:
+def save_adapter(peft_model: Any, out_dir: str | os.PathLike, *, base_model_path: str | os.PathLike,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a standard peft adapter directory (adapter_config.json + adapter_model.safetensors) plus
     the base's tokenizer files and generation_config.json, so the directory describes itself.
+
+    ``state_dict`` (keys as ``peft_model.state_dict()``) replaces the model's own tensors, e.g. the
+    weights gathered from a DeepSpeed ZeRO-3 engine, whose module holds only this rank's shard.
 
     Written atomically: staged next to ``out_dir`` and renamed into place (file by file, config last,
     when ``out_dir`` already exists, e.g. a training output directory holding checkpoints)."""
@@ -253,7 +257,8 @@ def save_adapter(peft_model: Any, out_dir: str | os.PathLike, *, base_model_path
     config.base_model_name_or_path = str(base)
     config.inference_mode = True
     config.task_type = "CAUSAL_LM"
-    state = peft.get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
+    state = peft.get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=name,
+                                           save_embedding_layers=False)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, t in state.items():

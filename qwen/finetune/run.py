@@ -77,6 +77,7 @@ def finetune(opts: FinetuneOptions) -> TrainResult:
 
         settings = LoraSettings(r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
                                 target_modules=tuple(opts.lora_targets), train_embeddings=opts.lora_train_embeddings)
+        torch.manual_seed(config.seed)  # lora_A's random init: the same adapters for the same --seed
         trained = apply_lora(model, settings)
         for p in trained.parameters():  # adapters train in fp32 even over a half-precision base
             if p.requires_grad and p.dtype != torch.float32:
@@ -101,13 +102,18 @@ def export(trainer: Trainer, opts: FinetuneOptions, model: Any, tokenizer: Any) 
     from .distributed import barrier
 
     env = trainer.env
+    # Sharded weights (FSDP, DeepSpeed ZeRO-3) are gathered to rank 0 first (every rank takes part); under
+    # DeepSpeed the trained parameters are read from its fp32 master copies (the module may hold bf16).
+    gather = trainer._is_fsdp() or trainer.ds is not None
     if opts.method == "lora":
+        state = trainer._model_state() if trainer.ds is not None else None
         if env.is_main:
             from .lora import save_adapter
 
-            save_adapter(trainer.raw_model, opts.output_dir, base_model_path=str(Path(opts.model).resolve()))
+            save_adapter(trainer.raw_model, opts.output_dir, base_model_path=str(Path(opts.model).resolve()),
+                         state_dict=state)
     else:
-        state = trainer._model_state() if trainer._is_fsdp() else None
+        state = trainer._model_state() if gather else None
         if env.is_main:
             if state is not None:
                 model = _rebuild_from_state(model, state)
@@ -116,7 +122,7 @@ def export(trainer: Trainer, opts: FinetuneOptions, model: Any, tokenizer: Any) 
 
 
 def _rebuild_from_state(model: Any, state: dict[str, torch.Tensor]) -> Any:
-    """A plain CPU copy of an FSDP-sharded model, filled from its gathered full state dict."""
+    """A plain CPU copy of a sharded (FSDP, DeepSpeed) model, filled from its gathered full state dict."""
     from ..model import QWenLMHeadModel
 
     plain = QWenLMHeadModel(model.config)

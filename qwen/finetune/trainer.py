@@ -10,6 +10,8 @@ Design notes
   means: accumulation and world size then do not change the gradient.
 - The model only has to return logits (``model(input_ids=..., attention_mask=...).logits`` or a
   tuple whose first item is logits); the loss is computed here in fp32.
+- DeepSpeed ZeRO (``deepspeed="zero2"|"zero3"|path``, optional) replaces DDP/FSDP and the step, not the
+  semantics: same AdamW, schedule, loss normalisation and data order; see :mod:`qwen.finetune.ds`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class TrainConfig:
     progress: bool = True
     distributed: str = "auto"  # auto (DDP when launched by torchrun) | ddp | fsdp
     trainable_only_checkpoints: bool = True  # LoRA: checkpoint only the parameters being trained
+    deepspeed: str | None = None  # zero2 | zero3 | path of a DeepSpeed JSON config (needs deepspeed installed)
 
 
 @dataclass
@@ -212,7 +215,17 @@ class Trainer:
                                            foreach=self.env.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_schedule(s, self.total_steps, self.warmup, config.min_lr_ratio))
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.ds = None
+        if config.deepspeed:  # our AdamW and schedule go into the engine; it replaces the model
+            from .ds import DeepSpeedEngine
+
+            self.ds = DeepSpeedEngine(config.deepspeed, model, self.optimizer, self.scheduler,
+                                      batch_size=config.batch_size, grad_accum=config.grad_accum,
+                                      world_size=self.env.world_size, max_grad_norm=config.max_grad_norm,
+                                      precision=self.precision, device=self.env.device,
+                                      is_main=self.env.is_main)
+            self.model = self.ds.engine
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and self.ds is None else None
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal: int | None = None
@@ -220,6 +233,10 @@ class Trainer:
     # -------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
         mode = self.config.distributed
+        if self.config.deepspeed:  # DeepSpeed does its own data parallelism
+            if mode == "fsdp":
+                raise ValueError("--deepspeed and --distributed fsdp exclude each other (both shard the model)")
+            return model
         if not self.env.distributed or mode == "none":
             return model
         if mode in ("auto", "ddp"):
@@ -232,7 +249,7 @@ class Trainer:
         raise ValueError(f"unknown distributed mode {mode!r} (auto, ddp, fsdp)")
 
     def _is_fsdp(self) -> bool:
-        return self.config.distributed == "fsdp" and self.env.distributed
+        return self.config.distributed == "fsdp" and self.env.distributed and not self.config.deepspeed
 
     # -------------------------------------------------------------- data
     def _epoch(self, epoch: int) -> list[list[int]]:
@@ -261,15 +278,21 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns its metrics."""
-        cfg, env = self.config, self.env
+        env = self.env
         everyone = self.step_batches(self.step)
         n_tokens = sum(supervised_tokens(self.train_examples[i]) for mb in everyone for i in mb)
         mine = everyone[env.rank::env.world_size]
         self.model.train()
         loss_sum = torch.zeros((), device=env.device)
+        lr = self.optimizer.param_groups[0]["lr"]
         for j, idx in enumerate(mine):
             batch = self._collate(idx)
             last = j == len(mine) - 1
+            if self.ds is not None:  # reduces over ranks (a mean, like DDP); steps at the last micro-batch
+                part = self._forward_loss_sum(self.model, batch)
+                self.ds.backward_and_step(part * (env.world_size / max(1, n_tokens)), boundary=last)
+                loss_sum += part.detach()
+                continue
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 part = self._forward_loss_sum(self.model, batch)
@@ -277,13 +300,25 @@ class Trainer:
                 scaled = part * (env.world_size / max(1, n_tokens))
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += part.detach()
+        if self.ds is not None:
+            grad_norm = self.ds.grad_norm()
+        else:
+            grad_norm = self._optimizer_step()
+        total = float(all_reduce_sum(loss_sum, env))
+        step_tokens = sum(self.lengths[i] for mb in everyone for i in mb)
+        self.step += 1
+        self.tokens_seen += step_tokens
+        return {"loss": total / max(1, n_tokens), "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens}
+
+    def _optimizer_step(self) -> float:
+        """Unscale, clip, step AdamW and the schedule; returns the gradient norm before clipping."""
+        cfg = self.config
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float("nan")
         if cfg.max_grad_norm:
             params = [p for p in self.model.parameters() if p.requires_grad]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -291,11 +326,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        total = float(all_reduce_sum(loss_sum, env))
-        step_tokens = sum(self.lengths[i] for mb in everyone for i in mb)
-        self.step += 1
-        self.tokens_seen += step_tokens
-        return {"loss": total / max(1, n_tokens), "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens}
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example] | None = None) -> float:
@@ -305,15 +336,22 @@ class Trainer:
             raise ValueError("no evaluation examples")
         bs = self.config.eval_batch_size or self.config.batch_size
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        batches = [order[i:i + bs] for i in range(0, len(order), bs)][self.env.rank::self.env.world_size]
+        everyone = [order[i:i + bs] for i in range(0, len(order), bs)]
+        batches: list[list[int] | None] = list(everyone[self.env.rank::self.env.world_size])
+        if self._is_fsdp() or (self.ds is not None and self.ds.stage == 3):
+            # sharded parameters are gathered collectively in forward: every rank runs as many forwards,
+            # ranks with a batch fewer run a discarded one
+            batches += [None] * (-(-len(everyone) // self.env.world_size) - len(batches))
         was_training = self.model.training
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for idx in batches:
-            batch = collate([examples[i] for i in idx], self.pad_id)
+            batch = collate([examples[i] for i in (idx or everyone[0])], self.pad_id)
             batch = {k: v.to(self.env.device) for k, v in batch.items()}
-            sums[0] += float(self._forward_loss_sum(self.model, batch))
-            sums[1] += sum(supervised_tokens(examples[i]) for i in idx)
+            loss = float(self._forward_loss_sum(self.model, batch))
+            if idx is not None:
+                sums[0] += loss
+                sums[1] += sum(supervised_tokens(examples[i]) for i in idx)
         self.model.train(was_training)
         sums = all_reduce_sum(sums, self.env)
         return float(sums[0] / max(1.0, float(sums[1])))
@@ -422,7 +460,10 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def _model_state(self) -> dict[str, torch.Tensor]:
-        if self._is_fsdp():
+        """The full state dict (trainable part only for LoRA); collective under FSDP and DeepSpeed."""
+        if self.ds is not None:  # rank 0 only
+            state = self.ds.full_state_dict(trainable_only=self.config.trainable_only_checkpoints)
+        elif self._is_fsdp():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -447,24 +488,30 @@ class Trainer:
         from safetensors.torch import save_file
 
         env = self.env
-        model_state = self._model_state()
-        optim_state = self._optim_state()
+        ds = self.ds
+        model_state = self._model_state() if ds is None else None
+        optim_state = self._optim_state() if ds is None else None
         stage = None
         if env.is_main:
             stage = ckpt.stage_dir(self.ckpt_root)
         stage = _broadcast_path(stage, env)
         ckpt.save_torch(_rng_state(), stage / f"rng-rank{env.rank}.pt")
+        if ds is not None:  # model, optimizer, schedule: every rank's DeepSpeed shards, in stage/deepspeed/
+            ds.save(stage, trainable_only=self.config.trainable_only_checkpoints)
         barrier(env)
         final = None
-        if env.is_main:
+        if env.is_main and ds is None:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
             save_file(_dedupe_shared(tensors), str(stage / "model.safetensors"), metadata={"format": "pt"})
             ckpt.save_torch({"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                              "scaler": self.scaler.state_dict() if self.scaler else None},
                             stage / "optimizer.pt")
+        if env.is_main:
             state = {"epoch": self.step / self.steps_per_epoch, "tokens_seen": self.tokens_seen,
                      "world_size": env.world_size, "total_steps": self.total_steps,
                      "config": _jsonable(asdict(self.config))}
+            if ds is not None:
+                state["deepspeed_stage"] = ds.stage
             final = ckpt.commit(stage, self.ckpt_root, self.step, state, self.config.keep_last)
             print(f"saved checkpoint {final}", flush=True)
         barrier(env)
@@ -472,8 +519,6 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore model, optimizer, scheduler, scaler, step and RNG: training continues exactly."""
-        from safetensors.torch import load_file
-
         state = ckpt.read_state(path)
         cfg = self.config
         saved = state.get("config", {})
@@ -484,6 +529,25 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"cannot resume from {path}: it was written by {state.get('world_size')} processes, this run has "
                 f"{self.env.world_size} (the data order depends on it)")
+        saved_stage = state.get("deepspeed_stage")
+        if saved_stage != (self.ds.stage if self.ds is not None else None):
+            was = f"DeepSpeed ZeRO-{saved_stage}" if saved_stage is not None else "a run without DeepSpeed"
+            now = f"DeepSpeed ZeRO-{self.ds.stage}" if self.ds is not None else "no DeepSpeed"
+            raise ckpt.CheckpointError(f"cannot resume from {path}: it was written by {was}, this run uses {now}")
+        if self.ds is not None:
+            self.ds.load(path)
+        else:
+            self._load_model_and_optimizer(path)
+        rng_file = path / f"rng-rank{self.env.rank}.pt"
+        _set_rng_state(ckpt.load_torch(rng_file))
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if self.env.is_main:
+            print(f"resumed from {path} (step {self.step}/{self.total_steps})", flush=True)
+
+    def _load_model_and_optimizer(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
         try:
             weights = load_file(str(path / "model.safetensors"))
         except Exception as e:
@@ -509,12 +573,6 @@ class Trainer:
         self.scheduler.load_state_dict(opt["scheduler"])
         if self.scaler and opt.get("scaler"):
             self.scaler.load_state_dict(opt["scaler"])
-        rng_file = path / f"rng-rank{self.env.rank}.pt"
-        _set_rng_state(ckpt.load_torch(rng_file))
-        self.step = int(state["step"])
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        if self.env.is_main:
-            print(f"resumed from {path} (step {self.step}/{self.total_steps})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,7 +284,8 @@ def run(recipe: DemoRecipe, corpus: dict[str, list[str]] | None = None) -> dict[
     # -- export: full vocabulary, official layout, bf16 on disk
     full = expand_to_full_vocab(compact, vmap, full_config(recipe, compact, full_vocab))
     gen = dict(QWEN_7B_CHAT)
-    gen.update(max_new_tokens=256)
+    # Prompt + reply must fit the 512 positions the model was trained on.
+    gen.update(max_new_tokens=128, max_window_size=recipe.seq_length - 128)
     full.generation_config = GenerationConfig.from_dict(gen)
     save_model(full, output, tokenizer=tokenizer, dtype=torch.bfloat16)
     _write_provenance(output, recipe, vmap, tok, stage_times)
