@@ -53,17 +53,18 @@ class DemoRecipe:
     seq_length: int = 512
     # data
     heldout_fraction: float = 0.02
-    real_text_fraction: float = 0.45  # share of the real documents used (the CPU budget favours the tasks)
+    real_text_fraction: float = 0.1  # share of the real documents trained on (the CPU budget favours the tasks)
     min_token_count: int = 4  # rarer ids of the real text share the "other" row (always kept: chat/synthetic ids)
-    synthetic_repeats: int = 8
+    synthetic_repeats: int = 20
+    arithmetic_repeats: int = 3
     # pretraining
-    pretrain_steps: int = 800
-    pretrain_batch: int = 8
+    pretrain_steps: int = 2000
+    pretrain_batch: int = 2  # rows of seq_length: small batches, many steps (memorisation needs steps)
     pretrain_lr: float = 3e-3
     # chat fine-tuning
-    sft_steps: int = 300
-    sft_batch: int = 8
-    sft_lr: float = 1e-3
+    sft_steps: int = 2000
+    sft_batch: int = 2
+    sft_lr: float = 1.5e-3
     sft_text_fraction: float = 0.25  # share of SFT rows that are pretraining text blocks
     eval_every: int = 200
     eval_blocks: int = 24
@@ -76,7 +77,7 @@ class DemoRecipe:
 def smoke_recipe(output: str, work_dir: str) -> DemoRecipe:
     """The recipe scaled down to seconds: same code path, tiny shapes and step counts."""
     return DemoRecipe(output=output, work_dir=work_dir, hidden_size=32, num_layers=2, num_heads=2,
-                      intermediate_size=64, seq_length=128, synthetic_repeats=1, pretrain_steps=6, pretrain_batch=2,
+                      intermediate_size=64, seq_length=128, synthetic_repeats=1, arithmetic_repeats=1, pretrain_steps=6, pretrain_batch=2,
                       sft_steps=4, sft_batch=2, eval_every=3, eval_blocks=2, max_eval_items=6, smoke=True,
                       progress=False)
 
@@ -171,7 +172,7 @@ def gather(recipe: DemoRecipe, corpus: dict[str, list[str]] | None = None) -> di
             keep = random.Random(f"{recipe.seed}-{name}")
             tr = [d for d in tr if keep.random() < recipe.real_text_fraction]
         train_docs[name], heldout_docs[name] = tr, ho
-    synth_docs = synth.pretraining_documents(recipe.synthetic_repeats)
+    synth_docs = synth.pretraining_documents(recipe.synthetic_repeats, arithmetic_repeats=recipe.arithmetic_repeats)
     conversations, eval_items = synth.conversations, synth.eval_items
     return {"train_docs": train_docs, "heldout_docs": heldout_docs, "synthetic_docs": synth_docs,
             "conversations": conversations, "eval_items": eval_items}
@@ -241,6 +242,7 @@ def run(recipe: DemoRecipe, corpus: dict[str, list[str]] | None = None) -> dict[
     used = {t for t, n in counts.items() if n >= recipe.min_token_count} | always | set(specials)
     full_vocab = preset_config("qwen-7b").vocab_size  # 151,936 rows as the released checkpoints
     vmap = VocabMap(sorted(used), full_vocab)
+    (work / "vocab_used.json").write_text(json.dumps(vmap.used))  # compact id i <-> token id used[i]
     _say(recipe, f"vocabulary: {len(vmap.used):,} token ids occur in the training data; the other "
                  f"{vmap.n_other:,} share one row")
 
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="", help="corpus cache, checkpoints, metrics, eval report "
                    "(default ~/.cache/qwen/demo-recipe; an interrupted run resumes from here)")
     for name in ("seed", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_length",
-                 "synthetic_repeats", "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
+                 "synthetic_repeats", "arithmetic_repeats", "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
                  "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")
