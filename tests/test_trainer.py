@@ -14,39 +14,11 @@ import pytest
 import torch
 
 from qwen.checkpoint import init_checkpoint, load_model
-from qwen.config import preset_config
 from qwen.finetune.checkpoints import CheckpointError
-from qwen.finetune.data import Example
-from qwen.finetune.trainer import (TrainConfig, Trainer, cosine_schedule, epoch_micro_batches, token_loss_sum)
-from qwen.model import QWenLMHeadModel
+from qwen.finetune.trainer import Trainer, cosine_schedule, epoch_micro_batches, token_loss_sum
+from training_helpers import config, examples, free_port, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(seed: int = 0, **overrides) -> QWenLMHeadModel:
-    cfg = preset_config("tiny-vocab", **overrides)
-    torch.manual_seed(seed)
-    model = QWenLMHeadModel(cfg)
-    model.init_weights(seed)
-    return model
-
-
-def examples(n: int = 24, seed: int = 0, vocab: int = 500) -> list[Example]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(6, 20, (1,), generator=g))
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        labels = [-100] * (length // 3) + ids[length // 3:]  # a masked prompt, a supervised reply
-        out.append(Example(input_ids=ids, labels=labels, source=f"synthetic[{i}]"))
-    return out
-
-
-def config(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path), max_steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=2,
-                progress=False, seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_floor():
@@ -188,17 +160,9 @@ def test_lora_trainer_checkpoints_only_trainable_weights(tmp_path):
     assert saved and all("lora_" in k for k in saved)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_cli(args: list[str], cwd: Path, nproc: int | None = None) -> subprocess.CompletedProcess:
     if nproc:
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                "-m", "qwen", "train", *args]
     else:

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,10 @@ import pytest
 import torch
 
 from qwen.checkpoint import init_checkpoint, load_model
-from qwen.config import preset_config
 from qwen.finetune.checkpoints import CheckpointError
-from qwen.finetune.data import Example
 from qwen.finetune.ds import load_config, resolve_config
-from qwen.finetune.trainer import TrainConfig, Trainer, cosine_schedule
-from qwen.model import QWenLMHeadModel
+from qwen.finetune.trainer import Trainer, cosine_schedule
+from training_helpers import config, examples, free_port, tiny_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,17 +34,11 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def world_of_one(monkeypatch):
     """The variables torchrun would set, for a single process (DeepSpeed joins a gloo group of one)."""
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(_free_port())), ("DS_ACCELERATOR", "cpu")):
+                       ("MASTER_PORT", str(free_port())), ("DS_ACCELERATOR", "cpu")):
         monkeypatch.setenv(key, value)
 
 
@@ -58,30 +49,6 @@ def _close_process_group():
 
     if dist.is_initialized():  # deepspeed.initialize left a world-of-one group behind
         dist.destroy_process_group()
-
-
-def tiny_model(seed: int = 0, **overrides) -> QWenLMHeadModel:
-    torch.manual_seed(seed)
-    model = QWenLMHeadModel(preset_config("tiny-vocab", **overrides))
-    model.init_weights(seed)
-    return model
-
-
-def examples(n: int = 24, seed: int = 0, vocab: int = 500) -> list[Example]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(6, 20, (1,), generator=g))
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        out.append(Example(input_ids=ids, labels=[-100] * (length // 3) + ids[length // 3:], source=f"syn[{i}]"))
-    return out
-
-
-def config(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path), max_steps=6, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=2,
-                progress=False, seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -251,7 +218,7 @@ def workspace(tmp_path_factory):
 def _train_cli(args: list[str], cwd: Path, nproc: int | None = None) -> subprocess.CompletedProcess:
     launcher = [sys.executable]
     if nproc:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
