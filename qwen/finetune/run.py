@@ -3,7 +3,7 @@ behind ``qwen train``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -129,10 +129,6 @@ def _rebuild_from_state(model: Any, state: dict[str, torch.Tensor]) -> Any:
     plain.load_state_dict(state, strict=False)
     plain.generation_config = model.generation_config
     return plain
-
-
-def train_config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
 
 
 __all__ = ["FinetuneOptions", "finetune", "default_lr"]

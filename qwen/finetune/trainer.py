@@ -369,7 +369,7 @@ class Trainer:
         history: list[dict] = []
         eval_loss = None
         bar = self._progress()
-        start_time, start_tokens, start_step = time.perf_counter(), self.tokens_seen, self.step
+        start_time, start_tokens = time.perf_counter(), self.tokens_seen
         last: dict[str, float] = {}
         interrupted = False
         with self._signals():
@@ -407,7 +407,7 @@ class Trainer:
             except ImportError as e:  # matplotlib is an optional extra
                 print(f"loss curve not drawn ({e}); install matplotlib for {self.output / 'loss.png'}")
         return TrainResult(steps=self.step, final_loss=last.get("loss"), eval_loss=eval_loss,
-                           tokens=self.tokens_seen - start_tokens if start_step else self.tokens_seen,
+                           tokens=self.tokens_seen - start_tokens,
                            seconds=time.perf_counter() - start_time, interrupted=interrupted, history=history)
 
     def _progress(self) -> Any:
