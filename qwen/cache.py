@@ -157,3 +157,118 @@ class KVCache:
         cache.length = s
         cache.next_position.fill_(s)
         return cache
+
+
+class RowKVCache:
+    """Continuous-batching storage: batch row r holds one sequence at its own length.
+
+    Unlike :class:`KVCache` (one shared slot counter, padding for ragged rows), every row writes its
+    next key at its own length, so a sequence can join a running batch at any step and leave it
+    without touching the others. Active sequences occupy rows ``0 .. rows-1``; a leaving sequence is
+    replaced by the last row (one row copy), so the decode step always runs on a contiguous slice.
+    Sequences enter prefilled (:meth:`insert` copies a one-row :class:`KVCache`); the model then
+    runs single-token decode steps on the active rows. The capacity doubles when a row needs more
+    room, so memory follows the longest live sequence instead of the worst case.
+    """
+
+    padded = True  # rows differ in length: attention always needs a mask
+
+    def __init__(self, model: torch.nn.Module, max_rows: int, capacity: int = 256) -> None:
+        cfg = model.config
+        self.devices = [b.ln_1.weight.device for b in model.transformer.h]
+        self.dtype = model.transformer.ln_f.weight.dtype
+        self.num_layers, self.max_rows = cfg.num_hidden_layers, max_rows
+        shape = (max_rows, cfg.num_attention_heads, max(1, capacity), cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=d) for d in self.devices]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=d) for d in self.devices]
+        self.lengths = torch.zeros(max_rows, dtype=torch.long, device=self.devices[0])
+        self.alphas = [1.0] * max_rows
+        self.rows = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    # -- the interface QWenModel.forward uses (decode over the active rows)
+    @property
+    def length(self) -> int:
+        """Slots the attention has to look at: the longest active row."""
+        return int(self.lengths[: self.rows].max()) if self.rows else 0
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        return self.lengths[: self.rows]
+
+    @property
+    def ntk_alpha(self) -> list[float]:
+        return self.alphas[: self.rows]
+
+    def begin(self, new_mask: torch.Tensor | None, num_new: int) -> None:
+        if num_new != 1 or new_mask is not None:
+            raise ValueError("a RowKVCache takes one unpadded token per row (decode); prefill into a KVCache")
+        self.reserve(self.length + 1)
+        self._span = self.length + 1
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(self.rows, device=k.device)
+        at = self.lengths[: self.rows].to(k.device)
+        self.keys[layer][rows, :, at] = k[:, :, 0]
+        self.values[layer][rows, :, at] = v[:, :, 0]
+        return self.keys[layer][: self.rows, :, : self._span], self.values[layer][: self.rows, :, : self._span]
+
+    def attention_mask(self, device: torch.device) -> torch.Tensor:
+        """[rows, 1, 1, span] boolean: row r sees its own slots 0..lengths[r] (the new token included)."""
+        slots = torch.arange(self._span, device=device)
+        return (slots[None, :] <= self.lengths[: self.rows].to(device)[:, None])[:, None, None, :]
+
+    def commit(self, num_new: int, new_positions_taken: torch.Tensor) -> None:
+        self.lengths[: self.rows] += 1
+
+    # -- row management
+    def reserve(self, need: int) -> None:
+        if need <= self.capacity:
+            return
+        new_cap = max(need, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros(old.shape[0], old.shape[1], new_cap, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                store[i] = new
+
+    def insert(self, prefilled: KVCache) -> int:
+        """Append a one-row prefilled cache as a new active row; returns its row index."""
+        if self.rows >= self.max_rows:
+            raise RuntimeError(f"all {self.max_rows} rows are in use")
+        if prefilled.batch_size != 1 or prefilled.padded:
+            raise ValueError("insert takes an unpadded one-row KVCache")
+        n = prefilled.length
+        self.reserve(n + 1)
+        row = self.rows
+        for i in range(self.num_layers):
+            self.keys[i][row, :, :n] = prefilled.keys[i][0, :, :n]
+            self.values[i][row, :, :n] = prefilled.values[i][0, :, :n]
+        self.lengths[row] = int(prefilled.next_position[0])
+        self.alphas[row] = prefilled.ntk_alpha[0] if prefilled.ntk_alpha else 1.0
+        self.rows += 1
+        return row
+
+    def remove(self, row: int) -> int | None:
+        """Free ``row``; the last active row moves into it. Returns the moved row's old index (or None)."""
+        last = self.rows - 1
+        if not 0 <= row <= last:
+            raise IndexError(f"row {row} is not active ({self.rows} rows)")
+        moved = None
+        if row != last:
+            n = int(self.lengths[last])
+            for i in range(self.num_layers):
+                self.keys[i][row, :, :n] = self.keys[i][last, :, :n]
+                self.values[i][row, :, :n] = self.values[i][last, :, :n]
+            self.lengths[row] = self.lengths[last]
+            self.alphas[row] = self.alphas[last]
+            moved = last
+        self.lengths[last] = 0
+        self.rows = last
+        return moved
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -152,7 +152,9 @@ class ChatSession:
         generation_config: GenerationConfig | dict | None = None,
         stop_words_ids: list[list[int]] | None = None,
         reuse_cache: bool = True,
+        engine: Any = None,
     ) -> None:
+        self.engine = engine  # a started serve.engine.Engine: generate there (batched with other users)
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
@@ -204,6 +206,9 @@ class ChatSession:
         if unknown:
             raise ValueError(f"unknown generation settings {sorted(unknown)}")
         _, ids, stops = _turn_prompt(self.tokenizer, query, self.history, self.system, cfg, None, self.stop_words_ids)
+        if self.engine is not None:
+            yield from self._stream_engine(query, ids, stops, cfg)
+            return
         cache = self._prepare_cache(ids, cfg.max_new_tokens or 512)
         self._cache_ids = []  # invalid until this turn completes
         generated: list[int] = []
@@ -217,6 +222,32 @@ class ChatSession:
                 self.last_response = r
             yield r
         self._cache_ids = (ids + generated)[: cache.length]
+        self.history.append((query, text.strip()))
+
+    def _stream_engine(self, query: str, ids: list[int], stops: list[list[int]], cfg: GenerationConfig,
+                       ) -> Iterator[GenerationResponse]:
+        from .sampling import SamplingParams
+        from .serve.engine import RequestParams
+
+        stop_ids = sorted({s[0] for s in stops if len(s) == 1} | set(cfg.eos_token_ids or []))
+        stop_text = [self.tokenizer.decode(s) for s in stops if len(s) > 1] + list(cfg.stop_strings or [])
+        params = RequestParams(
+            max_new_tokens=min(cfg.max_new_tokens or 512, self.engine.max_model_len - len(ids)),
+            sampling=SamplingParams(do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
+                                    top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
+                                    presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty),
+            seed=cfg.seed, stop_token_ids=stop_ids, stop=stop_text)
+        text = ""
+        for ev in self.engine.stream(ids, params):
+            if ev.error:
+                raise RuntimeError(ev.error)
+            text += ev.text
+            r = GenerationResponse(text=ev.text, token=ev.token_ids[-1] if ev.token_ids else None,
+                                   finish_reason=ev.finish_reason, prompt_tokens=len(ids),
+                                   generation_tokens=ev.completion_tokens)
+            if r.finish_reason is not None:
+                self.last_response = r
+            yield r
         self.history.append((query, text.strip()))
 
     def send(self, query: str, stream: bool = False, **overrides: Any) -> str | Iterator[str]:

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("qwen.commands.init", "write a random-weight checkpoint in the official layout"),
     "train": ("qwen.commands.train", "fine-tune (full or LoRA) or pretrain; --recipe demo builds the demo model"),
     "merge": ("qwen.commands.merge", "merge a LoRA adapter into its base model and save in the official layout"),
+    "serve": ("qwen.commands.serve", "OpenAI-compatible API server with continuous batching"),
     "bench": ("qwen.bench.core", "decode/prefill speed and memory, side by side with transformers"),
 }
 

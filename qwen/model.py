@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, RowKVCache
 from .config import QWenConfig, ntk_alpha, ntk_base
 
 
@@ -245,7 +245,10 @@ class QWenModel(nn.Module):
         # ---- attention mask (None when SDPA's causal flag or no mask is exact)
         if cache is not None:
             cache.begin(new_mask, t)
-        mask = self._build_mask(b, t, past, new_mask, cache, device)
+        if isinstance(cache, RowKVCache):  # continuous batching: each row at its own length
+            mask = cache.attention_mask(device)
+        else:
+            mask = self._build_mask(b, t, past, new_mask, cache, device)
 
         x = self.drop(x)
         hidden: list[torch.Tensor] = []
