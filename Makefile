@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 MODEL  ?= qwen-demo
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup chat test test-slow test-all bench peers demo-model clean
+.PHONY: setup chat serve test test-slow test-all bench peers demo-model clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml requirements.txt requirements-dev.txt
 
 chat: setup            ## interactive chat with the default model (MODEL=dir to choose)
 	$(VENV)/bin/qwen chat --model $(MODEL)
+
+serve: setup           ## OpenAI-compatible server on 127.0.0.1:8000 (MODEL=dir to choose)
+	$(VENV)/bin/qwen serve --model $(MODEL)
 
 test: setup            ## the default (fast) test tier; what CI runs
 	$(PY) -m pytest
