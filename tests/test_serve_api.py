@@ -306,3 +306,26 @@ def test_tools_api_and_streaming_function_calls(react_server) -> None:  # type: 
     # tool_choice "none": no tools in the prompt, plain answer.
     chat(client, QUESTION, tools=tools, tool_choice="none")
     assert "get_weather" not in tok.decode(model.prompts[-1])
+
+
+# ------------------------------------------------------------------ LangChain's OpenAI chat model
+def test_langchain_chat_openai(server, client, react_server) -> None:  # type: ignore[no-untyped-def]
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.tools import tool
+
+    llm = lc.ChatOpenAI(base_url=server[0] + "/v1", api_key="x", model=MODEL, temperature=0, max_tokens=24,
+                        max_retries=0)
+    expected = chat(client, max_tokens=24).choices[0].message.content
+    assert llm.invoke("Hello").content == expected
+    assert "".join(c.content for c in llm.stream("Hello")) == expected
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather of a city."""
+        return "sunny"
+
+    react_client = react_server[0]
+    scripted = lc.ChatOpenAI(base_url=str(react_client.base_url), api_key="x", model=MODEL, temperature=0,
+                             max_retries=0)
+    msg = scripted.bind_tools([get_weather]).invoke("What's the weather in Paris?")
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Paris"})]
