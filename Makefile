@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 MODEL  ?= qwen-demo
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup chat serve test test-slow test-all bench peers demo-model clean
+.PHONY: setup browser chat serve web test test-slow test-all bench peers demo-model clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,18 @@ chat: setup            ## interactive chat with the default model (MODEL=dir to 
 serve: setup           ## OpenAI-compatible server on 127.0.0.1:8000 (MODEL=dir to choose)
 	$(VENV)/bin/qwen serve --model $(MODEL)
 
-test: setup            ## the default (fast) test tier; what CI runs
+web: setup             ## Gradio chat page on 127.0.0.1:7860 (MODEL=dir to choose)
+	$(VENV)/bin/qwen web --model $(MODEL)
+
+# Best effort: Debian's chromium (+ a CJK font) for the real-browser test of the web page; without it
+# that test is skipped, everything else runs.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q --no-install-recommends chromium fonts-wqy-microhei >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium fonts-wqy-microhei >/dev/null 2>&1; }; }; } || \
+		echo "chromium is not installed: the web page's browser test will be skipped"
+
+test: setup browser    ## the default (fast) test tier; what CI runs
 	$(PY) -m pytest
 
 test-slow: setup       ## bigger shapes and end-to-end runs

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qwen.commands.train", "fine-tune (full or LoRA) or pretrain; --recipe demo builds the demo model"),
     "merge": ("qwen.commands.merge", "merge a LoRA adapter into its base model and save in the official layout"),
     "serve": ("qwen.commands.serve", "OpenAI-compatible API server with continuous batching"),
+    "web": ("qwen.commands.web", "Gradio chat page in the browser (127.0.0.1, no analytics, never shared)"),
     "bench": ("qwen.bench.core", "decode/prefill speed and memory, side by side with transformers"),
 }
 
