@@ -55,6 +55,10 @@ class QWenConfig:
     tie_word_embeddings: bool = False
     use_cache_quantization: bool = False
     use_cache_kernel: bool = False
+    # Not an official field: how use_cache_quantization quantizes (docs/quantization.md). "round"
+    # (default) is the accurate one; "official" reproduces the official quantizer bit for bit.
+    # Written to config.json only when it is not the default.
+    cache_quantization_mode: str = "round"
     softmax_in_fp32: bool = False
     # Not a constructor argument upstream, but every released config.json has it and the
     # model reads it (NTK trigger, LogN). A config without it is rejected in from_dict.
@@ -85,6 +89,10 @@ class QWenConfig:
             raise ConfigError("at most one of bf16, fp16 and fp32 may be true")
         if self.seq_length <= 0:
             raise ConfigError(f"seq_length must be positive, got {self.seq_length}")
+        if self.cache_quantization_mode not in ("official", "round"):
+            raise ConfigError(
+                f"cache_quantization_mode must be 'official' or 'round', got {self.cache_quantization_mode!r}"
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -173,6 +181,8 @@ class QWenConfig:
             del d["quantization_config"]
         if d["torch_dtype"] is None:
             del d["torch_dtype"]
+        if d["cache_quantization_mode"] == "round":  # ours, not official: keep official configs unchanged
+            del d["cache_quantization_mode"]
         d.update(self.extra)
         return d
 

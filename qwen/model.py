@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, RowKVCache
+from .cache import KVCache, KVQuantizer, RowKVCache
 from .config import QWenConfig, ntk_alpha, ntk_base
 
 
@@ -380,7 +380,8 @@ class QWenLMHeadModel(nn.Module):
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every position (or only the last ``logits_to_keep``), loss if labels are given.
 
-        ``past_key_values`` is a KVCache (updated in place and returned) or official-layout tuples.
+        ``past_key_values`` is a KVCache (updated in place and returned) or official-layout tuples
+        (the int8 layout ((qK, scale, zero), (qV, scale, zero)) when use_cache_quantization is on).
         Without a cache and with ``use_cache`` (default: config.use_cache, off when training or
         computing a loss) a cache is created and returned.
         """
@@ -392,7 +393,7 @@ class QWenLMHeadModel(nn.Module):
             use_cache = self.config.use_cache and labels is None and not self.training
         cache = past_key_values
         if isinstance(cache, (tuple, list)):
-            cache = KVCache.from_legacy(cache)
+            cache = KVCache.from_legacy(cache, quantizer=KVQuantizer.from_config(self.config, self.dtype))
         ref = input_ids if input_ids is not None else inputs_embeds
         if cache is None and use_cache:
             cache = self.new_cache(ref.shape[0], ref.shape[1])

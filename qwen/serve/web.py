@@ -23,8 +23,17 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-import gradio as gr
 
+class _LazyGradio:
+    """``gr.X`` imports gradio on first use: importing this module must not need the ``web`` extra."""
+
+    def __getattr__(self, name: str) -> Any:
+        import gradio
+
+        return getattr(gradio, name)
+
+
+gr: Any = _LazyGradio()
 from ..chat import ChatSession
 from ..chat_template import DEFAULT_SYSTEM
 from ..generate import GenerationConfig
