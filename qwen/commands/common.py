@@ -15,6 +15,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
     parser.add_argument("--cpu-only", action="store_true", help="same as --device cpu (official cli_demo flag)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--kv-cache-int8", nargs="?", const="round", default=None, choices=["round", "official"],
+                        help="keep the KV cache in uint8 (use_cache_quantization; 'official' = the official "
+                             "quantizer bit for bit, default 'round'; docs/quantization.md)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +53,10 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, device_map=device, torch_dtype=args.dtype)
+        extra = {}
+        if getattr(args, "kv_cache_int8", None):
+            extra = {"use_cache_quantization": True, "cache_quantization_mode": args.kv_cache_int8}
+        model = AutoModelForCausalLM.from_pretrained(args.model, device_map=device, torch_dtype=args.dtype, **extra)
     except (ModelNotFoundError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"qwen: {e}", file=sys.stderr)
         if args.model == "qwen-demo":
