@@ -48,7 +48,7 @@ peers: setup           ## build qwen.cpp (~2.5 min; optional benchmark peer and 
 	CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS="-DCMAKE_POSITION_INDEPENDENT_CODE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(PY) -m pip install -q --disable-pip-version-check qwen-cpp==0.1.3
 
-demo-model: setup      ## rebuild the embedded demo model into qwen/assets/demo (~45-60 min on 2 CPU cores)
+demo-model: setup      ## rebuild the embedded demo model into qwen/assets/demo (~55-60 min on 2 CPU cores)
 	$(VENV)/bin/qwen train --recipe demo
 
 clean:

@@ -39,7 +39,6 @@ def test_model_card_base_prompt(demo):
     assert text.startswith("亚的斯亚贝巴（Addis Ababa）"), text
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model does not pass this bar yet (docs/demo-model.md)")
 def test_greetings_answer_in_the_users_language(demo):
     model, tokenizer = demo
     zh, _ = model.chat(tokenizer, "你好", history=None, do_sample=False)

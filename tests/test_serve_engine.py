@@ -92,12 +92,14 @@ def test_requests_join_and_leave_a_running_batch(demo, engine) -> None:  # type:
 def test_per_request_seeds_in_one_batch(demo, engine) -> None:  # type: ignore[no-untyped-def]
     _, tok = demo
     p = prompt(tok, "Tell me something.")
-    sampling = SamplingParams(do_sample=True, temperature=1.3, top_p=0.95)
+    sampling = SamplingParams(do_sample=True, temperature=2.0)
     mk = lambda seed: greedy(tok, 20, sampling=sampling, seed=seed, ignore_eos=True)  # noqa: E731
     alone = engine.generate(p, mk(7))
-    batch = run_concurrently(engine, [(p, mk(7)), (p, mk(8)), (p, mk(7)), (prompt(tok, "Hi"), mk(7))])
+    batch = run_concurrently(engine, [(p, mk(7)), (p, mk(8)), (p, mk(7)), (prompt(tok, "Hi"), mk(7)), (p, mk(9)),
+                                      (p, mk(10))])
     assert batch[0][1] == alone[1] and batch[2][1] == alone[1]
-    assert batch[1][1] != alone[1]  # another seed, another draw (20 tokens at temperature 1.3)
+    # Other seeds, other draws (20 tokens at temperature 2; one of three differing is enough).
+    assert any(batch[i][1] != alone[1] for i in (1, 4, 5))
 
 
 def test_stop_string_across_token_boundaries_never_leaks(demo, engine) -> None:  # type: ignore[no-untyped-def]

@@ -58,14 +58,18 @@ class DemoRecipe:
     synthetic_repeats: int = 20
     arithmetic_repeats: int = 3
     # pretraining
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 3500
     pretrain_batch: int = 2  # rows of seq_length: small batches, many steps (memorisation needs steps)
     pretrain_lr: float = 3e-3
     # chat fine-tuning
-    sft_steps: int = 2000
+    sft_steps: int = 3500
     sft_batch: int = 2
     sft_lr: float = 1.5e-3
-    sft_text_fraction: float = 0.25  # share of SFT rows that are pretraining text blocks
+    sft_text_fraction: float = 0.2  # share of SFT rows that are pretraining text blocks
+    # Copies of each training conversation by task: the synthetic set has 4,000 arithmetic
+    # conversations but only 24 greetings, and a greeting seen a handful of times is not learned.
+    sft_task_repeats: str = ("greeting=30,identity=30,capital_zh=4,capital_en=4,poem_next=2,poem_prev=2,"
+                             "poem_author=3,poem_source=2,poem_recite=2,system=3,multi=2")
     eval_every: int = 200
     eval_blocks: int = 24
     max_eval_items: int | None = None
@@ -78,7 +82,7 @@ def smoke_recipe(output: str, work_dir: str) -> DemoRecipe:
     """The recipe scaled down to seconds: same code path, tiny shapes and step counts."""
     return DemoRecipe(output=output, work_dir=work_dir, hidden_size=32, num_layers=2, num_heads=2,
                       intermediate_size=64, seq_length=128, synthetic_repeats=1, arithmetic_repeats=1, pretrain_steps=6, pretrain_batch=2,
-                      sft_steps=4, sft_batch=2, eval_every=3, eval_blocks=2, max_eval_items=6, smoke=True,
+                      sft_steps=4, sft_batch=2, sft_task_repeats="greeting=2", eval_every=3, eval_blocks=2, max_eval_items=6, smoke=True,
                       progress=False)
 
 
@@ -187,7 +191,7 @@ def tokenize(recipe: DemoRecipe, tokenizer: Any, material: dict[str, Any]) -> di
     rng.shuffle(text_records)  # blocks then mix sources instead of one long Shakespeare stretch
     pre = tokenize_records(tokenizer, text_records, max_len=recipe.seq_length, progress=recipe.progress)
     chat_records = []
-    for i, conv in enumerate(material["conversations"]):
+    for i, conv in enumerate(upsample_conversations(material["conversations"], recipe.sft_task_repeats, rng)):
         turns = [{"role": {"user": "user", "assistant": "assistant", "system": "system"}[t["from"]],
                   "content": t["value"]} for t in conv["conversations"]]
         chat_records.append(Record(source=f"chat[{i}]", kind="chat", conversations=turns))
@@ -198,6 +202,27 @@ def tokenize(recipe: DemoRecipe, tokenizer: Any, material: dict[str, Any]) -> di
     _say(recipe, f"pretraining text: {pre.report()}")
     _say(recipe, f"chat set: {sft.report()}")
     return {"pretrain": pre, "sft": sft, "heldout": heldout}
+
+
+def parse_task_repeats(spec: str) -> dict[str, int]:
+    """``"greeting=30,identity=30"`` -> ``{"greeting": 30, "identity": 30}`` (tasks not named: 1)."""
+    repeats: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        task, sep, n = part.partition("=")
+        if not sep or not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"sft_task_repeats: expected task=N with N >= 1, got {part!r}")
+        repeats[task.strip()] = int(n)
+    return repeats
+
+
+def upsample_conversations(conversations: list[dict], spec: str, rng: random.Random) -> list[dict]:
+    """Each conversation ``repeats[task]`` times (task from its id ``demo-<task>-<n>``), shuffled so
+    that packing does not put the copies side by side in one row."""
+    repeats = parse_task_repeats(spec)
+    out = [c for c in conversations for _ in range(repeats.get(c["id"].split("-")[1], 1))]
+    if len(out) != len(conversations):
+        rng.shuffle(out)
+    return out
 
 
 def build_compact_model(recipe: DemoRecipe, n_compact: int) -> QWenLMHeadModel:
@@ -371,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                  "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")
+    p.add_argument("--sft-task-repeats", default=defaults.sft_task_repeats,
+                   help=f"copies of each chat example by task (default {defaults.sft_task_repeats})")
     for name in ("pretrain_lr", "sft_lr", "heldout_fraction", "sft_text_fraction", "real_text_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")
