@@ -25,8 +25,13 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         from .checkpoint import load_model
+        from .quant.bnb import pop_bnb_settings, quantize_with_bitsandbytes
 
-        return load_model(path, *args, **kwargs)
+        bnb = pop_bnb_settings(kwargs)  # load_in_4bit / load_in_8bit / BitsAndBytesConfig
+        if bnb is None:
+            return load_model(path, *args, **kwargs)
+        kwargs["cpu_packed_weights"] = False  # bitsandbytes replaces plain nn.Linear layers
+        return quantize_with_bitsandbytes(load_model(path, *args, **kwargs), bnb)
 
     @staticmethod
     def from_config(config: QWenConfig, **kwargs: Any) -> Any:

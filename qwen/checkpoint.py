@@ -315,6 +315,7 @@ def load_model(
     progress: bool = True,
     strict: bool = True,
     cpu_packed_weights: bool | None = None,
+    quant_kernel: str = "auto",
     **kwargs: Any,
 ) -> QWenLMHeadModel:
     """Load a QWenLMHeadModel from a checkpoint directory (see module docstring).
@@ -326,6 +327,11 @@ def load_model(
     ``cpu_packed_weights`` (default: on for fp32 models placed entirely on the CPU) reorders linear
     weights for oneDNN, which makes CPU inference 1.5-2x faster (see qwen/cpu_pack.py). Pass False
     to get plain nn.Linear layers, e.g. for training or peft.
+
+    GPTQ checkpoints (config.json ``quantization_config``, quant_method "gptq") load into QuantLinear
+    layers holding the official tensors; ``quant_kernel`` picks their CPU kernel ("auto", or
+    "dequant" for the exact reference path; see qwen/quant/linear.py). On the CPU their float parts
+    (embeddings, norms, lm_head) default to float32.
     """
     path = resolve_model_path(pretrained_model_name_or_path)
     if not os.path.isdir(path):
@@ -352,22 +358,28 @@ def load_model(
         raise TypeError(f"from_pretrained got unexpected keyword arguments: {sorted(kwargs)}")
     if overrides:
         config = config.update(**overrides)
+    quant_config = None
     if config.quantization_config:
-        raise CheckpointError(
-            f"{path}: quantized checkpoints (quantization_config {config.quantization_config.get('quant_method')}) "
-            "are not supported by this build yet"
-        )
+        from .quant.loading import read_checkpoint_quant_config
+
+        quant_config = read_checkpoint_quant_config(path, config.quantization_config)
     if device is not None and device_map is None:
         device_map = device
     placement = plan_device_map(config, device_map, torch.float32)
     main_device = placement["transformer.wte"]
     dtype = resolve_dtype(config, main_device, torch_dtype, bf16, fp16, fp32)
+    if quant_config is not None and main_device.type == "cpu" and torch_dtype is None and not (bf16 or fp16 or fp32):
+        dtype = torch.float32  # GPTQ configs ask for fp16, which CPUs cannot compute with at any useful speed
     if dtype != torch.float32 and str(device_map) == "auto":
         placement = plan_device_map(config, device_map, dtype)
 
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
     model.to(dtype)
+    if quant_config is not None:
+        from .quant.loading import install_quant_layers
+
+        install_quant_layers(model, quant_config)
     for unit, dev in placement.items():
         if unit == "lm_head" and config.tie_word_embeddings:
             continue
@@ -376,6 +388,12 @@ def load_model(
         model.lm_head.weight = model.transformer.wte.weight
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    quant_targets: dict[str, torch.Tensor] = {}
+    if quant_config is not None:
+        from .quant.loading import check_quant_tensor, quant_load_targets
+
+        quant_targets = quant_load_targets(model)
+        params.update(quant_targets)
     loaded: set[str] = set()
     unexpected: list[str] = []
     bar = _progress(total=len(params), desc="Loading weights", enabled=progress)
@@ -390,13 +408,19 @@ def load_model(
             raise CheckpointError(
                 f"{file}: tensor {name!r} has shape {list(shape)}, the config implies {list(target.shape)}"
             )
-        if not (reader.dtype(name).is_floating_point):
+        if name in quant_targets:
+            check_quant_tensor(file, name, reader.dtype(name))
+        elif not (reader.dtype(name).is_floating_point):
             raise CheckpointError(f"{file}: tensor {name!r} has dtype {reader.dtype(name)}, expected a float tensor")
         with torch.no_grad():
             reader.read(name, target.data)
         loaded.add(name)
         bar.update(1)
     bar.close()
+    if quant_config is not None:
+        from .quant.loading import finish_quant_load
+
+        loaded |= finish_quant_load(model, loaded, path)
     missing = sorted(set(params) - loaded - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if missing and strict:
         raise CheckpointError(f"{path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -413,6 +437,11 @@ def load_model(
     if cpu_packed_weights:
         pack_linear_layers(model)
         # A packed model is for inference: frozen parameters let model(ids) run without no_grad().
+        model.requires_grad_(False)
+    if quant_config is not None:
+        from .quant.linear import prepare_quant_layers
+
+        prepare_quant_layers(model, dtype, quant_kernel)
         model.requires_grad_(False)
     model.name_or_path = str(pretrained_model_name_or_path)
     model.generation_config = _load_generation_config(path)
@@ -475,12 +504,20 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".qwen-save-", dir=out))
     try:
+        from .quant.loading import is_quantized, quant_state_names, write_quantize_config
+
+        quant_names: set[str] = set()
+        if is_quantized(model):
+            # GPTQ layout: codes and scales keep their official dtypes; the float rest is fp16 (spec §10).
+            quant_names = quant_state_names(model)
+            dtype = dtype or torch.float16
+            write_quantize_config(model, stage)
         state = {}
         for name, t in model.state_dict().items():
             if name == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue  # shared with wte; loaders re-tie it
             t = t.detach()
-            if dtype is not None and t.is_floating_point():
+            if dtype is not None and t.is_floating_point() and name not in quant_names:
                 t = t.to(dtype)
             state[name] = t.to("cpu").contiguous()
         limit = _parse_size(max_shard_size)

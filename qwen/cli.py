@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("qwen.commands.init", "write a random-weight checkpoint in the official layout"),
     "train": ("qwen.commands.train", "fine-tune (full or LoRA) or pretrain; --recipe demo builds the demo model"),
     "merge": ("qwen.commands.merge", "merge a LoRA adapter into its base model and save in the official layout"),
+    "quantize": ("qwen.commands.quantize", "GPTQ or round-to-nearest int4/int8 quantization in the official AutoGPTQ layout"),
     "serve": ("qwen.commands.serve", "OpenAI-compatible API server with continuous batching"),
     "web": ("qwen.commands.web", "Gradio chat page in the browser (127.0.0.1, no analytics, never shared)"),
     "bench": ("qwen.bench.core", "decode/prefill speed and memory, side by side with transformers"),

@@ -215,7 +215,9 @@ def render_markdown(runs: list[dict[str, Any]], bandwidth: dict[str, float]) -> 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="`qwen bench serve --help`: the serving benchmark (the HTTP server under N "
+                                       "concurrent streaming clients, ours vs one request at a time).")
     p.add_argument("--preset", default="qwen-300m", help="model shape (see qwen.config.PRESETS; default qwen-300m)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -235,6 +237,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
