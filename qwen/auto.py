@@ -30,6 +30,11 @@ class AutoModelForCausalLM:
         bnb = pop_bnb_settings(kwargs)  # load_in_4bit / load_in_8bit / BitsAndBytesConfig
         if bnb is None:
             return load_model(path, *args, **kwargs)
+        if os.path.isfile(os.path.join(path, "qlora_config.json")):
+            # A Q-LoRA adapter: quantize its base this way and apply the adapter unmerged.
+            from .finetune.lora import load_adapter_checkpoint
+
+            return load_adapter_checkpoint(path, bnb=bnb, **kwargs)
         kwargs["cpu_packed_weights"] = False  # bitsandbytes replaces plain nn.Linear layers
         return quantize_with_bitsandbytes(load_model(path, *args, **kwargs), bnb)
 

@@ -465,23 +465,40 @@ class RowKVCache:
         for store in self._stores():
             _grow(store, new_cap, keep)
 
-    def insert(self, prefilled: KVCache) -> int:
-        """Append a one-row prefilled cache as a new active row; returns its row index."""
+    def insert(self, prefilled: KVCache, index: int = 0) -> int:
+        """Append row ``index`` of a prefilled cache as a new active row; returns its row index.
+
+        The prefilled cache may be a left-padded batch (one batched prefill for several requests): the
+        row's real slots, which sit at the end, move to slots 0..n-1. RoPE was applied by position, not
+        by slot, so moving keys between slots changes nothing.
+        """
         if self.rows >= self.max_rows:
             raise RuntimeError(f"all {self.max_rows} rows are in use")
-        if prefilled.batch_size != 1 or prefilled.padded:
-            raise ValueError("insert takes an unpadded one-row KVCache")
+        if not 0 <= index < prefilled.batch_size:
+            raise IndexError(f"row {index} is not in a prefilled cache of {prefilled.batch_size} rows")
         if _storage_kind(self.quantizer) != _storage_kind(prefilled.quantizer):
             raise ValueError(
                 f"cannot insert a cache with quantizer {prefilled.quantizer} into one with {self.quantizer}")
-        n = prefilled.length
+        total = prefilled.length
+        first = 0
+        if prefilled.padded:
+            valid = prefilled.key_mask[index, :total]
+            first = total - int(valid.sum())
+            if not bool(valid[first:].all()):
+                raise ValueError("insert takes a left-padded prefill (pads first, then the row's tokens)")
+            if first and prefilled.quantizer is not None and prefilled.quantizer.mode == "official":
+                # The official quantizer scales each prefill as one chunk, pads included: such a row
+                # would not equal its own unpadded prefill.
+                raise ValueError("an official-mode int8 cache must be prefilled one unpadded row at a time")
+        n = total - first
         self.reserve(n + 1)
         row = self.rows
         for dst_store, src_store in zip(self._stores(), prefilled._stores()):  # scale/zero lists are empty without int8
             for dst, src in zip(dst_store, src_store):
-                dst[row, :, :n] = src[0, :, :n]
-        self.lengths[row] = int(prefilled.next_position[0])
-        self.alphas[row] = prefilled.ntk_alpha[0] if prefilled.ntk_alpha else 1.0
+                dst[row, :, :n] = src[index, :, first:total]
+        self.lengths[row] = int(prefilled.next_position[index])
+        alphas = prefilled.ntk_alpha or [1.0]
+        self.alphas[row] = alphas[index] if len(alphas) > 1 else alphas[0]
         self.rows += 1
         return row
 

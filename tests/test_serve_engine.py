@@ -74,6 +74,66 @@ def test_sixteen_concurrent_greedy_requests_equal_their_single_runs(demo, engine
     assert alone[2][1] == ref[: len(alone[2][1])]
 
 
+def test_prompts_arriving_together_are_prefilled_in_batches(demo, engine) -> None:  # type: ignore[no-untyped-def]
+    _, tok = demo
+    prompts = [prompt(tok, q) for q in QUESTIONS]
+    alone = [engine.generate(p, greedy(tok, 12)) for p in prompts]
+    done = threading.Semaphore(0)
+    outputs: list[list[int]] = [[] for _ in prompts]
+
+    def collect(i: int):  # type: ignore[no-untyped-def]
+        def on_event(ev) -> None:  # type: ignore[no-untyped-def]
+            outputs[i].extend(ev.token_ids)
+            if ev.finish_reason is not None:
+                done.release()
+        return on_event
+
+    before = engine.stats.prefill_batches
+    # Holding the engine's lock while submitting makes all 16 wait in the queue, so the worker admits
+    # them in one iteration (the lock is re-entrant, submit takes it too).
+    with engine._lock:
+        for i, p in enumerate(prompts):
+            engine.submit(p, greedy(tok, 12), collect(i))
+    for _ in prompts:
+        assert done.acquire(timeout=120)
+    assert outputs == [a[1] for a in alone]  # left-padded batched prefill == each prompt alone
+    batches = engine.stats.prefill_batches - before
+    assert batches <= 4, f"16 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens took {batches} prefills"
+
+
+def test_long_prompt_arriving_mid_stream_is_prefilled_in_chunks(demo) -> None:  # type: ignore[no-untyped-def]
+    _, tok = demo
+    running_p = prompt(tok, QUESTIONS[2])
+    long_q = "请逐句背诵《静夜思》，然后告诉我法国、日本和秘鲁的首都分别是哪里，再算一下12+34等于多少。" * 3
+    long_p = prompt(tok, long_q)
+    assert len(long_p) > 100
+    with Engine(*demo, max_batch_size=4, prefill_chunk=16) as eng:
+        running_ref = eng.generate(running_p, greedy(tok, 40, ignore_eos=True))
+        long_ref = eng.generate(long_p, greedy(tok, 12))
+        started = threading.Event()
+        result: dict = {}
+
+        def first() -> None:
+            ids: list[int] = []
+            for ev in eng.stream(running_p, greedy(tok, 40, ignore_eos=True)):
+                ids += ev.token_ids
+                if len(ids) >= 3:
+                    started.set()
+            result["running"] = ids
+
+        t = threading.Thread(target=first)
+        t.start()
+        assert started.wait(60)
+        before = eng.stats.prefill_batches
+        _, long_ids, _ = eng.generate(long_p, greedy(tok, 12))
+        chunks = eng.stats.prefill_batches - before
+        t.join()
+    # The long prompt went in 16-token chunks, one per decode step of the other stream (37 steps left).
+    assert chunks == -(-len(long_p) // 16), (chunks, len(long_p))
+    assert long_ids == long_ref[1]  # chunked prefill == one-call prefill
+    assert result["running"] == running_ref[1]
+
+
 def test_requests_join_and_leave_a_running_batch(demo, engine) -> None:  # type: ignore[no-untyped-def]
     _, tok = demo
     long_p, short_p = prompt(tok, QUESTIONS[2]), prompt(tok, QUESTIONS[0])
@@ -195,3 +255,32 @@ def test_row_cache_decode_matches_padded_batch_decode() -> None:
     # Removing a middle row moves the last one into its place; decoding continues correctly.
     assert rows.remove(0) == 2
     assert rows.rows == 2 and rows.lengths[:2].tolist() == [4, 13]
+
+
+def test_row_cache_takes_rows_of_a_left_padded_batched_prefill() -> None:
+    # Dynamic NTK on, with prompts on both sides of seq_length: each row must keep its own alpha.
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(preset_config("tiny", seq_length=8, use_dynamic_ntk=True)).eval()
+    model.init_weights(seed=1)
+    prompts = [torch.randint(0, 1000, (n,)).tolist() for n in (13, 5, 9)]
+    longest = max(map(len, prompts))
+    ids = torch.zeros(3, longest, dtype=torch.long)
+    mask = torch.zeros(3, longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = True
+    rows = RowKVCache(model, max_rows=4, capacity=4)
+    with torch.no_grad():
+        batch = model.new_cache(3, longest)
+        first = model(ids, attention_mask=mask, past_key_values=batch).logits[:, -1]
+        for i in (2, 0, 1):  # any order
+            rows.insert(batch, i)
+        got = model(torch.tensor([[7], [7], [7]]), past_key_values=rows).logits[:, -1]
+        for slot, i in enumerate((2, 0, 1)):
+            single = model.new_cache(1, len(prompts[i]) + 1)
+            ref_first = model(torch.tensor([prompts[i]]), past_key_values=single).logits[0, -1]
+            ref = model(torch.tensor([[7]]), past_key_values=single).logits[0, -1]
+            torch.testing.assert_close(first[i], ref_first, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[slot], ref, atol=1e-5, rtol=1e-5)
+            assert rows.alphas[slot] == single.ntk_alpha[0]
+    assert rows.alphas[:3] != [1.0, 1.0, 1.0]  # the 13- and 9-token prompts exceed seq_length 8

@@ -119,13 +119,17 @@ def weight_bytes_per_token(config: Any, esize: int) -> int:
     return (config.num_parameters() - (0 if head_is_table else config.vocab_size * config.hidden_size)) * esize
 
 
-def measure(run: Any, config: Any, esize: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Time ``run(ids [1, T], n) -> (seconds to first token, [inter-token seconds])`` per prompt length."""
+def measure(run: Any, config: Any, esize: int, args: argparse.Namespace,
+            weights: int | None = None) -> list[dict[str, Any]]:
+    """Time ``run(ids [1, T], n) -> (seconds to first token, [inter-token seconds])`` per prompt length.
+
+    ``weights``: bytes of weights one decode step reads (default: every weight but the embedding, at ``esize``).
+    """
     import torch
 
     gen = torch.Generator().manual_seed(1)
     run(torch.randint(0, 1000, (1, 16), generator=gen), 4)  # warm-up
-    weights = weight_bytes_per_token(config, esize)
+    weights = weight_bytes_per_token(config, esize) if weights is None else weights
     results = []
     for prompt_len in args.prompt_lens:
         ids = torch.randint(0, 1000, (1, prompt_len), generator=gen)
@@ -147,7 +151,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if args.engine == "bandwidth":
         return {"engine": "bandwidth", "bandwidth": measure_read_bandwidth()}
-    if args.engine == "qwen.cpp":
+    if args.engine.startswith("qwen.cpp"):
         from .qwencpp import run_worker
 
         return run_worker(args)
@@ -159,19 +163,52 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         engine_model = to_transformers_qwen2(model)
     else:
         engine_model = model
-    if args.engine == "ours":
-        # The default CPU inference path of from_pretrained (fp32 weights packed for oneDNN).
+    config, esize = model.config, torch.empty((), dtype=model.dtype).element_size()
+    weights = weight_bytes_per_token(config, esize)
+    kernels: dict[str, int] = {}
+    if args.engine in QUANTIZED_ENGINES:
+        kernels, weights = _quantize_for_bench(model, QUANTIZED_ENGINES[args.engine])
+    if args.engine == "ours" or args.engine in QUANTIZED_ENGINES:
+        # The default CPU inference path of from_pretrained (fp32 weights packed for oneDNN; in the
+        # quantized engines only lm_head is left, kept in float as the official Int4/Int8 checkpoints do).
         from ..cpu_pack import pack_linear_layers, packing_supported
 
         if packing_supported(model.dtype):
             pack_linear_layers(model)
-    config, esize = model.config, torch.empty((), dtype=model.dtype).element_size()
     with torch.inference_mode():
-        results = measure(_generate_fn(args.engine, engine_model), config, esize, args)
+        results = measure(_generate_fn(args.engine, engine_model), config, esize, args, weights)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"engine": args.engine, "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
-            "parameters": config.num_parameters(), "weight_bytes_per_token": weight_bytes_per_token(config, esize),
+            "kernels": kernels, "parameters": config.num_parameters(), "weight_bytes_per_token": weights,
             "peak_rss_bytes": peak, "rss_before_model": rss0, "results": results}
+
+
+# ours-int8 / ours-int4: the transformer blocks round-to-nearest quantized into the official GPTQ layout
+# (group 128, as the official -Int8/-Int4 checkpoints; the kernels do not care how codes were found).
+QUANTIZED_ENGINES = {"ours-int8": 8, "ours-int4": 4}
+
+
+def _quantize_for_bench(model: Any, bits: int) -> tuple[dict[str, int], int]:
+    """Quantize ``model``'s blocks in place; returns ({kernel: layers}, weight bytes one decode step reads)."""
+    import torch
+
+    from ..quant.gptq import quantize_model_rtn
+    from ..quant.layout import GPTQConfig
+    from ..quant.linear import prepare_quant_layers, quant_linear_layers
+
+    quantize_model_rtn(model, GPTQConfig(bits=bits, group_size=128), progress=False)
+    counts = prepare_quant_layers(model, torch.float32)
+    read = 0
+    for _, layer in quant_linear_layers(model):
+        gemv = layer._runtime.get("gemv")
+        if gemv is not None:  # what the decode kernel streams: its codes, scales and scale*zero
+            read += gemv.nbytes()
+        else:
+            read += sum(b.numel() * b.element_size() for b in layer.buffers())
+        counts[f"decode:{layer.decode_kernel or layer.kernel}"] = counts.get(f"decode:{layer.decode_kernel or layer.kernel}", 0) + 1
+    cfg = model.config
+    read += cfg.vocab_size * cfg.hidden_size * 4  # the float lm_head
+    return counts, read
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -189,7 +226,7 @@ def _spawn(engine: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def render_markdown(runs: list[dict[str, Any]], bandwidth: dict[str, float]) -> str:
     ours = next(r for r in runs if r["engine"] == "ours")
-    others = [r for r in runs if r["engine"] != "ours"]
+    others = [r for r in runs if r["engine"] in ("ours-unpacked", "transformers", "qwen.cpp")]
     bw = bandwidth["read_gbs"]
     lines = [
         f"Preset `{ours['preset']}` ({ours['parameters'] / 1e6:,.0f} M parameters), {ours['dtype']}, "
@@ -205,9 +242,13 @@ def render_markdown(runs: list[dict[str, Any]], bandwidth: dict[str, float]) -> 
             share = res["bytes_per_token"] * res["decode_tok_s"] / (bw * 1e9)
             lines.append(f"| {run['engine']} | {res['prompt_len']} | {res['prefill_tok_s']:,.1f} | "
                          f"{res['decode_tok_s']:.2f} | {share:.0%} | {run['peak_rss_bytes'] / 2**30:.2f} GiB |")
-    for other in others:
-        lines += ["", f"Ratios ours / {other['engine']}:", ""]
-        for a, b in zip(ours["results"], other["results"]):
+    by_name = {r["engine"]: r for r in runs}
+    pairs = [("ours", other["engine"]) for other in others]
+    pairs += [(a, b) for a, b in (("ours-int8", "ours"), ("ours-int4", "ours"), ("ours-int8", "qwen.cpp-q8_0"),
+                                  ("ours-int4", "qwen.cpp-q4_0")) if a in by_name and b in by_name]
+    for a_name, b_name in pairs:
+        lines += ["", f"Ratios {a_name} / {b_name}:", ""]
+        for a, b in zip(by_name[a_name]["results"], by_name[b_name]["results"]):
             lines.append(f"- prompt {a['prompt_len']}: prefill {a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x, "
                          f"decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x")
     return "\n".join(lines)
@@ -227,8 +268,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", default="ours,transformers",
                    help="comma-separated: ours (default CPU path: oneDNN-packed weights), ours-unpacked "
-                        "(plain nn.Linear), transformers (needs the dev extra), qwen.cpp (needs qwen-cpp; see "
-                        "qwen/bench/qwencpp.py)")
+                        "(plain nn.Linear), ours-int8 / ours-int4 (blocks quantized to the official GPTQ layout, "
+                        "group 128), transformers (needs the dev extra), qwen.cpp / qwen.cpp-q8_0 / qwen.cpp-q4_0 "
+                        "(needs qwen-cpp; see qwen/bench/qwencpp.py)")
     p.add_argument("--overrides", default="{}", help='JSON config overrides, e.g. \'{"num_hidden_layers": 4}\'')
     p.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     p.add_argument("--engine", help=argparse.SUPPRESS)
@@ -247,13 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if "qwen.cpp" in engines:
-        from .qwencpp import available
+    cpp = [e for e in engines if e.startswith("qwen.cpp")]
+    if cpp:
+        from .qwencpp import ENGINE_KINDS, available
 
+        unknown = [e for e in cpp if e not in ENGINE_KINDS]
+        if unknown:
+            raise SystemExit(f"unknown engine(s) {unknown}; qwen.cpp engines: {sorted(ENGINE_KINDS)}")
         if not available():
             print("qwen.cpp is not installed; skipping it (see qwen/bench/qwencpp.py for the install line)",
                   file=sys.stderr)
-            engines.remove("qwen.cpp")
+            engines = [e for e in engines if e not in cpp]
     if "ours" not in engines:
         engines.insert(0, "ours")
     print("measuring memory read bandwidth ...", file=sys.stderr, flush=True)

@@ -4,8 +4,13 @@ qwen.cpp (li-plus/QwenLM, archived) runs Qwen-1 tensors under their official nam
 the magic ``ggml``; 12 int32 header values (tensor type, vocab, hidden, heads, heads, layers,
 intermediate_size as in config.json, seq_length, eos, pad, im_start, im_end); then per tensor an
 int32 name length, the name, int32 ndim, the shape, the int32 type, and the data at a 16-byte aligned
-offset. 1-D tensors are always f32. We write f32 and f16 here (the fp32 comparison); the quantized
-types belong to the quantization work.
+offset. 1-D tensors are always f32. We write f32, f16, and the block formats q8_0 and q4_0 (every
+2-D tensor quantized, as qwen.cpp's own converter does):
+
+- q8_0: blocks of 32 weights along a row: an fp16 scale d = max|w| / 127, then 32 int8 round(w / d).
+- q4_0: blocks of 32: an fp16 scale d = m / -8 where m is the weight of largest magnitude (sign kept),
+  then 16 bytes; byte j holds min(15, int(w_j / d + 8.5)) in its low nibble and the same for w_{j+16}
+  in its high nibble (ggml's layout since May 2023, which qwen.cpp 0.1.3 uses); w = d * (q - 8).
 
 Install (environment.md §5; about 2 minutes to build):
     CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS="-DCMAKE_POSITION_INDEPENDENT_CODE=ON" \\
@@ -20,7 +25,10 @@ from typing import Any, BinaryIO
 
 import torch
 
-GGML_TYPES = {"f32": 0, "f16": 1}
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q4_0": 18 / 32, "q8_0": 34 / 32}
+ENGINE_KINDS = {"qwen.cpp": "f32", "qwen.cpp-q8_0": "q8_0", "qwen.cpp-q4_0": "q4_0"}  # `qwen bench` engine -> type
+QK = 32  # weights per q4_0 / q8_0 block
 ALIGN = 16
 
 
@@ -47,8 +55,45 @@ def _write_tensor(f: BinaryIO, name: str, t: torch.Tensor, kind: str) -> None:
     f.write(struct.pack("<i", len(encoded)) + encoded)
     f.write(struct.pack(f"<{2 + t.dim()}i", t.dim(), *t.shape, GGML_TYPES[kind]))
     f.seek((f.tell() + ALIGN - 1) // ALIGN * ALIGN)
-    data = t.detach().to(torch.float16 if kind == "f16" else torch.float32).contiguous()
-    f.write(data.numpy().tobytes())
+    if kind == "q8_0":
+        f.write(quantize_q8_0(t))
+    elif kind == "q4_0":
+        f.write(quantize_q4_0(t))
+    else:
+        data = t.detach().to(torch.float16 if kind == "f16" else torch.float32).contiguous()
+        f.write(data.numpy().tobytes())
+
+
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    if t.shape[-1] % QK:
+        raise ValueError(f"rows of {t.shape[-1]} values do not split into blocks of {QK}")
+    return t.detach().float().reshape(-1, QK)
+
+
+def quantize_q8_0(t: torch.Tensor) -> bytes:
+    """ggml's q8_0 encoding of a 2-D tensor (rows split into blocks of 32)."""
+    blocks = _blocks(t)
+    d = blocks.abs().amax(dim=1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[:, None]).clamp(-127, 127).to(torch.int8)
+    out = torch.empty(blocks.shape[0], 2 + QK, dtype=torch.uint8)
+    out[:, :2] = d.half().view(torch.uint8).reshape(-1, 2)
+    out[:, 2:] = q.view(torch.uint8)
+    return out.numpy().tobytes()
+
+
+def quantize_q4_0(t: torch.Tensor) -> bytes:
+    """ggml's q4_0 encoding of a 2-D tensor (rows split into blocks of 32)."""
+    blocks = _blocks(t)
+    idx = blocks.abs().argmax(dim=1, keepdim=True)
+    m = blocks.gather(1, idx).squeeze(1)
+    d = m / -8
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = (blocks * inv[:, None] + 8.5).to(torch.int32).clamp(0, 15).to(torch.uint8)  # truncation, as ggml
+    out = torch.empty(blocks.shape[0], 2 + QK // 2, dtype=torch.uint8)
+    out[:, :2] = d.half().view(torch.uint8).reshape(-1, 2)
+    out[:, 2:] = q[:, : QK // 2] | (q[:, QK // 2 :] << 4)
+    return out.numpy().tobytes()
 
 
 def write_ggml(model: Any, path: str | os.PathLike, kind: str = "f32", eos: int = 151643, pad: int = 151643,
@@ -83,16 +128,17 @@ def run_worker(args: Any) -> dict[str, Any]:
 
     from ..config import preset_config
     from ..tokenizer import bundled_vocab_path
-    from .core import measure, weight_bytes_per_token
+    from .core import measure
 
     if args.dtype != "float32":
-        raise ValueError("the qwen.cpp comparison is wired for float32 (GGML f32) only")
+        raise ValueError("the qwen.cpp comparison starts from float32 weights (GGML f32, q8_0, q4_0)")
+    kind = ENGINE_KINDS[args.engine]
     config = preset_config(args.preset, **json.loads(args.overrides))
     workdir = tempfile.mkdtemp(prefix="qwen-ggml-")
     path = os.path.join(workdir, "model.bin")
     # Write the file from a separate process so this worker's peak RSS is qwen.cpp's alone.
-    subprocess.run([sys.executable, "-m", "qwen.bench.qwencpp", path, args.preset, str(args.seed), args.overrides],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "qwen.bench.qwencpp", path, args.preset, str(args.seed), args.overrides,
+                    kind], check=True)
     try:
         pipe = qwen_cpp.Pipeline(path, str(bundled_vocab_path()))
 
@@ -111,21 +157,28 @@ def run_worker(args: Any) -> dict[str, Any]:
                 ids.append(tok)
             return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
 
-        results = measure(run, config, 4, args)
+        # Every 2-D tensor but the embedding (a row gather) is read once per token, at the file's type.
+        matrices = config.num_parameters() - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 0)
+        norms_and_biases = config.num_hidden_layers * (2 * config.hidden_size + 3 * config.hidden_size) + config.hidden_size
+        weights = int((matrices - norms_and_biases) * BYTES_PER_WEIGHT[kind] + norms_and_biases * 4)
+        if config.tie_word_embeddings:  # qwen.cpp reads its own (written) head
+            weights += int(config.vocab_size * config.hidden_size * BYTES_PER_WEIGHT[kind])
+        results = measure(run, config, 4, args, weights)
     finally:
         os.unlink(path)
         os.rmdir(workdir)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"engine": "qwen.cpp", "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
-            "parameters": config.num_parameters(), "weight_bytes_per_token": weight_bytes_per_token(config, 4),
+    return {"engine": args.engine, "preset": args.preset, "dtype": args.dtype, "threads": args.threads,
+            "parameters": config.num_parameters(), "weight_bytes_per_token": weights,
             "peak_rss_bytes": peak, "results": results}
 
 
-if __name__ == "__main__":  # python -m qwen.bench.qwencpp OUT PRESET SEED OVERRIDES_JSON
+if __name__ == "__main__":  # python -m qwen.bench.qwencpp OUT PRESET SEED OVERRIDES_JSON [KIND]
     import json
     import sys
 
     from .core import build_model
 
     out, preset, seed, overrides = sys.argv[1:5]
-    write_ggml(build_model(preset, int(seed), "float32", json.loads(overrides)), out)
+    write_ggml(build_model(preset, int(seed), "float32", json.loads(overrides)), out,
+               kind=sys.argv[5] if len(sys.argv) > 5 else "f32")

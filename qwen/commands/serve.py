@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-batched-tokens", type=int, default=4096,
                    help="prompt + decode tokens one engine step may process (default 4096)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="prompt tokens prefilled per step while other requests are decoding (default: automatic, "
+                   "about one decode step's worth, so arrivals do not stall running streams)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context window in tokens (default: the config's max_position_embeddings)")
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load(args)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_batched_tokens=args.max_batched_tokens,
-                    max_queue=args.max_queue, max_model_len=args.max_model_len).start()
+                    max_queue=args.max_queue, max_model_len=args.max_model_len,
+                    prefill_chunk=args.prefill_chunk).start()
     app = create_app(engine, tokenizer, model_id=args.served_model_name or model_name(args.model),
                      aliases=args.alias, api_key=args.api_key, generation_config=getattr(model, "generation_config", None))
     print(f"qwen serve: {args.model} on http://{args.host}:{args.port}/v1 "

@@ -1,6 +1,8 @@
-"""``qwen train``: full or LoRA fine-tuning (and pretraining on plain text) of a Qwen checkpoint.
+"""``qwen train``: full, LoRA or Q-LoRA fine-tuning (and pretraining on plain text) of a Qwen checkpoint.
 
 Single process:   qwen train --model DIR --data train.json --method lora --output out/
+Q-LoRA:           qwen train --model Qwen-7B-Chat-Int4 --data train.json --method qlora --output out/
+                  qwen train --model Qwen-7B-Chat --quantize nf4 --data train.json --method qlora --output out/
 Data parallel:    torchrun --nproc_per_node 4 -m qwen train --model DIR --data train.json --output out/
 Sharded (FSDP):   torchrun --nproc_per_node 8 -m qwen train ... --method full --distributed fsdp
 DeepSpeed ZeRO:   torchrun --nproc_per_node 8 -m qwen train ... --deepspeed zero3   (pip install deepspeed==0.19.8)
@@ -23,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="training files: official SFT JSON/JSONL "
                    "({'conversations': [{'from', 'value'}]}), {'text': ...} JSONL or plain text")
     p.add_argument("--output", help="output directory (checkpoints/, metrics.jsonl, loss.png, final weights)")
-    p.add_argument("--method", choices=["full", "lora"], default="lora", help="default lora")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora",
+                   help="default lora; qlora: LoRA over a frozen quantized base (a GPTQ checkpoint, or --quantize)")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "int8-bnb"], default=None,
+                   help="qlora on a full-precision --model: quantize its block linears with bitsandbytes at load "
+                   "time (NF4, FP4 or LLM.int8); not needed for GPTQ (-Int4/-Int8) checkpoints")
     p.add_argument("--eval-data", nargs="+", default=[], help="held-out files for eval loss")
 
     d = p.add_argument_group("data")
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=42)
 
-    lo = p.add_argument_group("LoRA (official defaults)")
+    lo = p.add_argument_group("LoRA and Q-LoRA (official defaults)")
     lo.add_argument("--lora-r", type=int, default=64)
     lo.add_argument("--lora-alpha", type=int, default=16)
     lo.add_argument("--lora-dropout", type=float, default=0.05)
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         train["lr"] = args.lr
     embeddings = {"auto": None, "yes": True, "no": False}[args.lora_train_embeddings]
     opts = FinetuneOptions(model=args.model, data=args.data, output_dir=args.output, method=args.method,
+                           quantize=args.quantize,
                            eval_data=args.eval_data, max_len=args.max_len, label_mask=args.label_mask,
                            system=args.system, packing=args.packing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                            lora_dropout=args.lora_dropout,

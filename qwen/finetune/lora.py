@@ -19,12 +19,10 @@ Notes on peft and our model (peft 0.21):
   trainable copies share one tensor while training, so the tie survives training and merging and the
   saved adapter still loads correctly with plain peft (which would otherwise untie them).
 
-Future Q-LoRA note: peft only wraps layer types it knows (nn.Linear, bitsandbytes, auto-gptq /
-gptqmodel QuantLinear, AWQ, ...). A custom quantized linear layer of ours would be rejected as
-"not supported" unless registered with ``LoraConfig._register_custom_module({OurQuantLinear:
-OurLoraLayer})``, where OurLoraLayer adds ``lora_B(lora_A(dropout(x))) * scaling`` to the frozen
-quantized output (as peft's gptq.QuantLinear wrapper does); such adapters cannot be merged into
-int4 weights (merge into the fp16 model instead, as the official README says).
+Q-LoRA: every function here also takes a quantized model (GPTQ QuantLinear or bitsandbytes layers);
+the quantization-specific parts (peft registration of QuantLinear, the qlora_config.json record,
+loading the quantized base) live in qwen/finetune/qlora.py. Adapters over GPTQ layers load unmerged
+and merge only into the full-precision model, as the official README says.
 """
 
 from __future__ import annotations
@@ -178,18 +176,27 @@ def apply_lora(model: nn.Module, settings: LoraSettings | None = None, *, verbos
         modules_to_save=list(_EMBEDDING_MODULES) if train_embeddings else None,
     )
     config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    from .qlora import check_nothing_quantized_trains, describe, prepare_bnb_for_training, prepare_peft_config
+
+    quantization = prepare_peft_config(model, config)  # None unless the base is quantized (Q-LoRA)
+    if quantization is not None and quantization["quant_method"] == "bitsandbytes":
+        prepare_bnb_for_training(model)
     make_peft_compatible(model)
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = peft.PeftModel(model, config)
     _tie_saved_embeddings(peft_model)
+    if quantization is not None:
+        check_nothing_quantized_trains(peft_model)
     trainable, total = trainable_parameter_counts(peft_model)
     if trainable == 0:
         raise ValueError(f"no module of the model matches the LoRA targets {list(settings.target_modules)}")
     if verbose:
         extra = " + wte, lm_head" if train_embeddings else ""
-        print(f"LoRA r={settings.r} alpha={settings.alpha} on {', '.join(settings.target_modules)}{extra}: "
-              f"trainable params {trainable:,} || all params {total:,} || trainable% {100 * trainable / total:.4f}")
+        kind = f"Q-LoRA over {describe(quantization)}," if quantization is not None else "LoRA"
+        print(f"{kind} r={settings.r} alpha={settings.alpha} on {', '.join(settings.target_modules)}{extra}: "
+              f"trainable params {trainable:,} || all params {total:,} || trainable% {100 * trainable / total:.4f}"
+              + (" (quantized weights not counted)" if quantization is not None else ""))
     return peft_model
 
 
@@ -237,7 +244,8 @@ def _write_adapter_config(config: Any, file: Path) -> None:
 def save_adapter(peft_model: Any, out_dir: str | os.PathLike, *, base_model_path: str | os.PathLike,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a standard peft adapter directory (adapter_config.json + adapter_model.safetensors) plus
-    the base's tokenizer files and generation_config.json, so the directory describes itself.
+    the base's tokenizer files and generation_config.json, so the directory describes itself. Over a
+    quantized base (Q-LoRA), qlora_config.json records the quantization (see qwen/finetune/qlora.py).
 
     ``state_dict`` (keys as ``peft_model.state_dict()``) replaces the model's own tensors, e.g. the
     weights gathered from a DeepSpeed ZeRO-3 engine, whose module holds only this rank's shard.
@@ -248,6 +256,7 @@ def save_adapter(peft_model: Any, out_dir: str | os.PathLike, *, base_model_path
     from safetensors.torch import save_file
 
     from ..hub import resolve_model_path
+    from .qlora import QLORA_CONFIG_NAME, quantization_of, write_qlora_config
 
     base = Path(resolve_model_path(base_model_path)).resolve()
     if not (base / CONFIG_NAME).is_file():
@@ -273,10 +282,14 @@ def save_adapter(peft_model: Any, out_dir: str | os.PathLike, *, base_model_path
     try:
         save_file(tensors, str(stage / ADAPTER_SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
         _copy_base_side_files(base, stage)
+        quantization = quantization_of(peft_model)
+        if quantization is not None:
+            write_qlora_config(quantization, stage)
         _write_adapter_config(config, stage / ADAPTER_CONFIG_NAME)
         _publish(stage, out, last=ADAPTER_CONFIG_NAME)
-        if (out / ADAPTER_BIN_WEIGHTS_NAME).exists():  # an older save's weights: ambiguous next to the new ones
-            (out / ADAPTER_BIN_WEIGHTS_NAME).unlink()
+        for stale in ((ADAPTER_BIN_WEIGHTS_NAME,) + (() if quantization is not None else (QLORA_CONFIG_NAME,))):
+            if (out / stale).exists():  # an older save's files: ambiguous next to the new ones
+                (out / stale).unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
@@ -366,8 +379,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, merge: boo
     """Apply the adapter in ``adapter_dir`` to ``model`` (its base, unpacked).
 
     ``merge=True`` folds the adapter into the weights and returns a plain QWenLMHeadModel (no
-    inference overhead); ``merge=False`` returns the peft.PeftModel (frozen unless ``trainable``)."""
+    inference overhead); ``merge=False`` returns the peft.PeftModel (frozen unless ``trainable``).
+    A GPTQ-quantized ``model`` takes the adapter unmerged only (int4/int8 codes cannot absorb it)."""
     peft = _import_peft()
+    from .qlora import MERGE_INTO_QUANTIZED, prepare_bnb_for_training, prepare_peft_config
+
     adapter = Path(adapter_dir)
     _read_adapter_config(adapter)
     _refuse_packed(model)
@@ -377,6 +393,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, merge: boo
     config.inference_mode = not trainable
     state = _read_adapter_weights(adapter)
     _drop_unsaved_modules_to_save(config, state, adapter)
+    quantization = prepare_peft_config(model, config)
+    if merge and quantization is not None and quantization["quant_method"] == "gptq":
+        raise ValueError(f"{adapter}: {MERGE_INTO_QUANTIZED} (load_adapter(..., merge=False))")
+    if trainable and quantization is not None and quantization["quant_method"] == "bitsandbytes":
+        prepare_bnb_for_training(model)
     make_peft_compatible(model)
     was_training = model.training
     peft_model = peft.PeftModel(model, config)
@@ -403,14 +424,31 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, merge: boo
 
 
 def load_adapter_checkpoint(adapter_dir: str | os.PathLike, *, base_model_path: str | os.PathLike | None = None,
-                            cpu_packed_weights: bool | None = None, **load_kwargs: Any) -> nn.Module:
+                            cpu_packed_weights: bool | None = None, bnb: Any = None, **load_kwargs: Any) -> nn.Module:
     """``load_model(adapter_dir)``: load the base (unpacked), merge the adapter, then pack CPU fp32
-    weights as load_model would have, so the result is an ordinary fast model."""
+    weights as load_model would have, so the result is an ordinary fast model.
+
+    Q-LoRA adapters (the base is a GPTQ checkpoint, or qlora_config.json records a bitsandbytes
+    quantization, or ``bnb`` BnbSettings are given) load on the quantized base, unmerged: the result is
+    the QWenLMHeadModel with peft LoRA layers around its quantized linears (``cpu_packed_weights`` does
+    not apply)."""
     from ..checkpoint import _load_generation_config, load_model
     from ..cpu_pack import pack_linear_layers, packing_supported
+    from .qlora import bnb_settings, is_gptq_checkpoint, load_quantized_base, read_qlora_config
 
     adapter = Path(adapter_dir)
     base = resolve_base_model_path(adapter, base_model_path)
+    record = read_qlora_config(adapter)
+    if bnb is None and record is not None and record.get("quant_method") == "bitsandbytes":
+        bnb = bnb_settings(record)
+    if bnb is not None or is_gptq_checkpoint(base):
+        model = load_quantized_base(base, quantize=bnb, **load_kwargs)
+        model = load_adapter(model, adapter, merge=False).get_base_model()
+        model.eval()
+        model.name_or_path = str(adapter_dir)
+        if (adapter / GENERATION_CONFIG_NAME).is_file():
+            model.generation_config = _load_generation_config(str(adapter))
+        return model
     model = load_model(base, cpu_packed_weights=False, **load_kwargs)
     model = load_adapter(model, adapter, merge=True)
     model.eval()
@@ -426,6 +464,21 @@ def load_adapter_checkpoint(adapter_dir: str | os.PathLike, *, base_model_path: 
     return model
 
 
+def check_merge_base(base: str | os.PathLike, *, explicit: bool) -> None:
+    """Refuse to merge into a GPTQ checkpoint (a Q-LoRA adapter's recorded base): name the fix."""
+    from .qlora import is_gptq_checkpoint
+
+    if not is_gptq_checkpoint(base):
+        return
+    where = "--base" if explicit else "the adapter's base (base_model_name_or_path)"
+    raise CheckpointError(
+        f"{where} {os.fspath(base)} is a GPTQ-quantized checkpoint: a LoRA adapter cannot be merged into "
+        "int4/int8 weights. Pass the full-precision checkpoint it was quantized from, e.g. "
+        "`qwen merge ADAPTER --base /models/Qwen-7B-Chat --output OUT` (Python: base_model_path=); the merged "
+        "model can then be quantized again with `qwen quantize`"
+    )
+
+
 def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype: Any = None,
                   base_model_path: str | os.PathLike | None = None, device: Any = "cpu") -> Path:
     """Base + adapter -> a merged checkpoint in the official layout (tokenizer files included).
@@ -439,6 +492,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
     adapter = Path(adapter_dir)
     _read_adapter_config(adapter)
     base = resolve_base_model_path(adapter, base_model_path)
+    check_merge_base(base, explicit=base_model_path is not None)
     out = Path(output_dir)
     for other, what in ((adapter, "adapter"), (Path(base), "base model")):
         if out.exists() and out.resolve() == other.resolve():
@@ -466,4 +520,5 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
 
 
 __all__ = ["LoraSettings", "apply_lora", "save_adapter", "load_adapter", "load_adapter_checkpoint", "merge_adapter",
-           "is_chat_model", "make_peft_compatible", "resolve_base_model_path", "trainable_parameter_counts"]
+           "check_merge_base", "is_chat_model", "make_peft_compatible", "resolve_base_model_path",
+           "trainable_parameter_counts"]

@@ -10,7 +10,8 @@ Both that form (a transformers ``BitsAndBytesConfig`` or a plain dict with the s
 shorthand ``load_in_4bit=True`` / ``load_in_8bit=True`` work. The checkpoint loads in float, then the
 linear layers of the blocks (c_attn, c_proj, w1, w2, mlp.c_proj) become bitsandbytes layers; the
 embeddings, norms and lm_head stay in float, as transformers does. This is also the base of Q-LoRA on
-NF4 (peft wraps bitsandbytes layers natively). Needs the ``bitsandbytes`` package (CPU backend works).
+NF4 (``qwen train --method qlora --quantize nf4``; peft wraps bitsandbytes layers natively, and their
+backward runs on the CPU too). Needs the ``bitsandbytes`` package (CPU backend works).
 """
 
 from __future__ import annotations
@@ -95,4 +96,7 @@ def quantize_with_bitsandbytes(model: nn.Module, settings: BnbSettings) -> nn.Mo
         if lin.bias is not None:
             new.bias = nn.Parameter(lin.bias.data.to(settings.compute_dtype).cpu(), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[1], new.to(device))  # .to() quantizes
+    # What transformers sets on k-bit models: peft reads it to wrap these layers with its bitsandbytes
+    # LoRA classes (otherwise Linear4bit, an nn.Linear subclass, would get the plain one; see Q-LoRA).
+    setattr(model, "is_loaded_in_4bit" if settings.bits == 4 else "is_loaded_in_8bit", True)
     return model

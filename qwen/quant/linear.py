@@ -37,7 +37,7 @@ import functools
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "int4-tinygemm", "int8-fbgemm", "int8-rowwise", "dequant")
 _TINYGEMM_GROUPS = (256, 128, 64, 32)
+_GEMV_MAX_ROWS = 4  # tokens up to which the decode kernel beats the main kernel (qwen.kernels.MAX_ROWS)
 # Float weights the dequant path may hold at once (elements): bounds its working set.
 _DEQUANT_CHUNK_ELEMENTS = 1 << 21
 
@@ -83,6 +84,7 @@ class QuantLinear(nn.Module):
         for name, shape in expected_shapes(in_features, out_features, bits, group_size).items():
             self.register_buffer(name, torch.zeros(shape, dtype=EXPECTED_DTYPES[name], device=device))
         self.kernel: str | None = None  # the kernel in use, chosen by prepare()
+        self.decode_kernel: str | None = None  # qwen.kernels' gemv for inputs of <= 4 tokens, when it applies
         # True while qweight's storage is dropped because the int8 kernel's packed copy holds the
         # same codes; state_dict() and anything else that reads qweight rebuild it (see _release_codes).
         self._codes_released = False
@@ -173,6 +175,7 @@ class QuantLinear(nn.Module):
         self._runtime = {}
         self._prepared_for = None
         self.kernel = None
+        self.decode_kernel = None
 
     # ------------------------------------------------------------------ kernels
     def prepare(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
@@ -193,6 +196,8 @@ class QuantLinear(nn.Module):
                 build = getattr(self, "_build_" + name.replace("-", "_"))
                 build(device, dtype)
                 self.kernel = name
+                if wanted == "auto":
+                    self._build_gemv(device, dtype)
                 self._prepared_for = (device.type, device.index, dtype, self._requested_kernel)
                 self._release_codes()
                 return name
@@ -243,12 +248,8 @@ class QuantLinear(nn.Module):
         return bool((self.scales == self.scales[:1]).all()) and bool((z == z[:1]).all())
 
     def _build_dequant(self, device: torch.device, dtype: torch.dtype) -> None:
-        g = effective_group_size(self.in_features, self.group_size)
-        per = 32 // self.bits
-        # Whole groups of consecutive inputs that start on word boundaries can be dequantized by broadcasting.
-        natural = (self.in_features % g == 0 and g % per == 0
-                   and _group_order(self.g_idx, self.in_features, self.group_size) is True)
-        self._runtime = {"natural_groups": natural}
+        self._runtime = {}
+        self._natural_groups()
 
     def _build_int4_tinygemm(self, device: torch.device, dtype: torch.dtype) -> None:
         g = effective_group_size(self.in_features, self.group_size)
@@ -300,6 +301,32 @@ class QuantLinear(nn.Module):
         self._runtime = {"packed": packed, "slices": [(k0, k1) for k0, k1, _ in slices], "perm": perm,
                          "reduce_range": not _has_vnni(), "bias": self.bias.float()}
 
+    def _build_gemv(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Our decode kernel (qwen/kernels), used for inputs of at most MAX_ROWS tokens, when it applies.
+
+        The main kernel keeps prefill: it is faster there (the GEMM libraries block for many rows).
+        The kernel keeps its own copy of the codes, in the row-tiled order it streams fastest.
+        """
+        from .. import kernels
+
+        if device.type != "cpu" or dtype != torch.float32 or self.bits not in (4, 8):
+            return
+        g = effective_group_size(self.in_features, self.group_size)
+        if self.in_features % g or g % (64 if self.bits == 4 else 32):
+            return
+        order = _group_order(self.g_idx, self.in_features, self.group_size)
+        if order is None or not kernels.available():
+            return
+        q = unpack_rows(self._official_qweight(), self.bits)  # [K, N]
+        perm = None if order is True else order
+        if perm is not None:
+            q = q[perm]
+        scales = self.scales.float()
+        zeros = (unpack_cols(self.qzeros, self.bits) + 1).float()
+        self._runtime["gemv"] = kernels.QuantizedRows(q.t(), scales.t(), zeros.t(), self.bits, self.bias.float())
+        self._runtime["gemv_perm"] = perm
+        self.decode_kernel = f"gemv-int{self.bits}"
+
     def _build_int8_rowwise(self, device: torch.device, dtype: torch.dtype) -> None:
         # Opt-in and lossy: the dequantized weight is re-rounded to symmetric int8 with one scale per
         # output row, so grouped checkpoints (the official Int8 has g = 128) run as a single fbgemm
@@ -320,6 +347,17 @@ class QuantLinear(nn.Module):
         key = (x.device.type, x.device.index, x.dtype, self._requested_kernel)
         if self._prepared_for != key:
             self.prepare(x.device, x.dtype)
+        if x.requires_grad and torch.is_grad_enabled():
+            # Training through a frozen quantized layer (Q-LoRA): the CPU kernels have no autograd
+            # formula, so the kernel runs inside a Function whose backward dequantizes on the fly.
+            return _QuantLinearFunction.apply(x, self)
+        return self._forward_kernel(x)
+
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        gemv = self._runtime.get("gemv")
+        if gemv is not None and x.dtype == torch.float32 and x.numel() <= _GEMV_MAX_ROWS * self.in_features:
+            perm = self._runtime["gemv_perm"]
+            return gemv(x if perm is None else x.index_select(-1, perm))
         if self.kernel == "int4-tinygemm":
             return self._forward_int4_tinygemm(x)
         if self.kernel in ("int8-fbgemm", "int8-rowwise"):
@@ -352,11 +390,19 @@ class QuantLinear(nn.Module):
         return (y + rt["bias"]).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.out_features
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.zeros(x2.shape[0], n, dtype=x.dtype, device=x.device)
+        for k0, k1, w_t in self._weight_t_chunks(x.dtype, self.qweight):
+            y.addmm_(x2[:, k0:k1], w_t)
+        y += self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], n)
+
+    def _weight_t_chunks(self, dtype: torch.dtype, qweight: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(k0, k1, W^T[k0:k1]) in ``dtype``, a few MB of float weights at a time, for consecutive input rows."""
         per = 32 // self.bits
         k_total, n = self.in_features, self.out_features
-        x2 = x.reshape(-1, k_total)
-        y = torch.zeros(x2.shape[0], n, dtype=x.dtype, device=x.device)
-        if self._runtime.get("natural_groups"):
+        if self._natural_groups():
             # Groups of g consecutive inputs: broadcast each group's zeros and scales, no gathers.
             g = effective_group_size(k_total, self.group_size)
             step = max(1, _DEQUANT_CHUNK_ELEMENTS // max(n * g, 1))
@@ -364,28 +410,63 @@ class QuantLinear(nn.Module):
             for g0 in range(0, groups, step):
                 g1 = min(g0 + step, groups)
                 k0, k1 = g0 * g, g1 * g
-                q = unpack_rows(self.qweight[k0 // per : k1 // per], self.bits).view(g1 - g0, g, n)
+                q = unpack_rows(qweight[k0 // per : k1 // per], self.bits).view(g1 - g0, g, n)
                 zeros = (unpack_cols(self.qzeros[g0:g1], self.bits) + 1)[:, None, :]
-                w_t = ((q - zeros).to(x.dtype) * self.scales[g0:g1, None, :].to(x.dtype)).view(k1 - k0, n)
-                y.addmm_(x2[:, k0:k1], w_t)
-            return (y + self.bias.to(x.dtype)).reshape(*x.shape[:-1], n)
+                yield k0, k1, ((q - zeros).to(dtype) * self.scales[g0:g1, None, :].to(dtype)).view(k1 - k0, n)
+            return
         rows = max(per, (_DEQUANT_CHUNK_ELEMENTS // max(n, 1)) // per * per)
         g_idx = self.g_idx.long()
         for k0 in range(0, k_total, rows):
             k1 = min(k0 + rows, k_total)
-            q = unpack_rows(self.qweight[k0 // per : k1 // per], self.bits)  # [k1-k0, N]
+            q = unpack_rows(qweight[k0 // per : k1 // per], self.bits)  # [k1-k0, N]
             # Gather per input row: works for any g_idx, permuted (act-order) or not.
             uniq, inverse = torch.unique(g_idx[k0:k1], return_inverse=True)
             zeros = unpack_cols(self.qzeros.index_select(0, uniq), self.bits) + 1
-            scales = self.scales.index_select(0, uniq).to(x.dtype)
-            w_t = (q - zeros[inverse]).to(x.dtype) * scales[inverse]
-            y.addmm_(x2[:, k0:k1], w_t)
-        y += self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], n)
+            scales = self.scales.index_select(0, uniq).to(dtype)
+            yield k0, k1, (q - zeros[inverse]).to(dtype) * scales[inverse]
+
+    def _natural_groups(self) -> bool:
+        """Whole groups of consecutive inputs that start on word boundaries (dequantized by broadcasting)."""
+        natural = self._runtime.get("natural_groups")
+        if natural is None:
+            g = effective_group_size(self.in_features, self.group_size)
+            natural = (self.in_features % g == 0 and g % (32 // self.bits) == 0
+                       and _group_order(self.g_idx, self.in_features, self.group_size) is True)
+            self._runtime["natural_groups"] = natural
+        return natural
+
+    def _grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """dL/dx = dL/dy @ W with the exact dequantized W, built a slice of input rows at a time.
+
+        Whatever kernel ran the forward (int4 tinygemm rounds to bf16, int8 fbgemm quantizes the
+        activations), the backward uses the weight the codes stand for: the kernels' rounding is
+        treated as noise, as QLoRA-style training does with its quantized forward."""
+        gy = grad_y.reshape(-1, self.out_features)
+        gx = torch.empty(gy.shape[0], self.in_features, dtype=gy.dtype, device=gy.device)
+        for k0, k1, w_t in self._weight_t_chunks(gy.dtype, self._official_qweight()):
+            gx[:, k0:k1] = gy @ w_t.t()
+        return gx.reshape(*grad_y.shape[:-1], self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, kernel={self.kernel or 'not chosen yet'}")
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """y = layer(x) by the layer's kernel; dx from the dequantized weight. The codes, scales and bias are
+    frozen buffers (no gradient), and nothing is saved for the backward but the layer itself, so training
+    through the layer costs no float copy of its weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._forward_kernel(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return ctx.layer._grad_input(grad_y.contiguous()), None
 
 
 def _tinygemm_group(in_features: int, group_size: int) -> int | None:

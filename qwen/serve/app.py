@@ -381,6 +381,8 @@ def render_metrics(engine: Engine, metrics: ServerMetrics) -> str:
     metric("qwen_queue_depth", "gauge", "Requests waiting for a batch row.", [("", engine.queue_depth)])
     metric("qwen_running_requests", "gauge", "Requests in the running batch.", [("", engine.running)])
     metric("qwen_decode_steps_total", "counter", "Batched decode steps.", [("", st.decode_steps)])
+    metric("qwen_prefill_batches_total", "counter", "Forward calls that prefilled prompts (several per call when "
+           "they arrive together).", [("", st.prefill_batches)])
     metric("qwen_decode_batch_rows_total", "counter", "Sum of batch sizes over decode steps.", [("", st.batch_size_sum)])
     metric("qwen_request_latency_seconds", "summary", "Time from submission to the last token.",
            [("_sum", round(st.latency_sum, 6)), ("_count", st.finished)])

@@ -1,11 +1,20 @@
 """The serving engine: one model worker thread doing continuous batching.
 
 Requests wait in a bounded queue. Each iteration the worker admits waiting requests while a batch
-row is free and the step's token budget (``max_batched_tokens``) lasts, prefills each one alone
-(the same computation as an unbatched request), then runs ONE decode step for every active
-sequence together. A finished or cancelled sequence leaves at the end of that step, so a new
-request never waits for the whole batch to drain; a cancelled request (client gone) frees its row
-within one decode step.
+row is free and the token budget (``max_batched_tokens``) lasts, prefills them, then runs ONE
+decode step for every active sequence together. A finished or cancelled sequence leaves at the end
+of that step, so a new request never waits for the whole batch to drain; a cancelled request
+(client gone) frees its row within one decode step.
+
+Prefill is batched and chunked so that arrivals do not stall the running sequences:
+- prompts admitted together are prefilled in one forward (left-padded groups, see
+  ``_prefill_groups``): the weights are read once for all of them;
+- while sequences are decoding, each iteration prefills only as many prompt tokens as take about
+  one decode step (measured as the engine runs), so a long prompt or a burst of arrivals is
+  spread over several iterations instead of freezing every stream for the whole prefill. With
+  nothing decoding, prefill runs at full speed.
+Chunked prefill computes the same attention as one full prefill (the dynamic-NTK alpha of each
+row is fixed from its whole prompt before the first chunk).
 
 Each request carries its own sampling settings and seed (its own ``torch.Generator``), stop ids
 and stop strings. Text goes out through a per-request callback as deltas that never contain a
@@ -26,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..cache import KVCache, RowKVCache
+from ..config import ntk_alpha
 from ..generate import StreamingDetokenizer, _find_stop, _stop_holdback, tokenizer_vocab_limit
 from ..sampling import SamplingParams, apply_penalties, sample, warp
 
@@ -112,21 +122,47 @@ class Request:
         self.cancelled.set()
 
 
+@dataclass
+class _Prefill:
+    """A group of prompts being prefilled together, possibly over several iterations."""
+
+    requests: list[Request]
+    ids: torch.Tensor  # [B, L] left-padded prompt ids
+    mask: torch.Tensor | None  # [B, L] True on real tokens; None when no row is padded
+    cache: KVCache
+    chunkable: bool  # False when the cache must see the whole prompt at once (official int8 mode)
+    done: int = 0  # columns prefilled so far
+    logits: torch.Tensor | None = None  # [B, vocab] at the last column, once prefilled
+
+    @property
+    def remaining_tokens(self) -> int:
+        return (self.ids.shape[1] - self.done) * self.ids.shape[0]
+
+
 class Engine:
     """Continuous batching over a QWenLMHeadModel. Start it, ``submit`` requests, ``stop`` it."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 16, max_batched_tokens: int = 4096,
-                 max_queue: int = 256, max_model_len: int | None = None) -> None:
+                 max_queue: int = 256, max_model_len: int | None = None, batch_prefill: bool = True,
+                 prefill_chunk: int | None = None) -> None:
         if max_batch_size < 1 or max_batched_tokens < 1 or max_queue < 1:
             raise ValueError("max_batch_size, max_batched_tokens and max_queue must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_batched_tokens, self.max_queue = max_batch_size, max_batched_tokens, max_queue
+        self.batch_prefill = batch_prefill
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 (or None for automatic), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk  # prompt tokens per iteration while decoding; None: about one step
         cfg = model.config
         self.max_model_len = int(max_model_len or getattr(cfg, "max_position_embeddings", None) or cfg.seq_length)
         self.vocab_limit = tokenizer_vocab_limit(tokenizer)
         self.device = model.transformer.wte.weight.device
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []  # index == cache row
+        self._prefills: deque[_Prefill] = deque()  # admitted, not yet fully prefilled
+        # Measured costs (moving averages) that size the prefill chunks while sequences decode.
+        self._decode_step_s: float | None = None
+        self._prefill_token_s: float | None = None
         self._cache = RowKVCache(model, max_batch_size, capacity=min(256, self.max_model_len))
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -217,61 +253,171 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._lock:
-                while not self._stopping and not self._waiting and not self._active:
+                while not self._stopping and not self._waiting and not self._active and not self._prefills:
                     self._lock.wait()
                 if self._stopping:
                     break
                 admitted = self._take_admissible()
             try:
-                for req in admitted:
-                    self._prefill(req)
+                for group in self._prefill_groups(admitted):
+                    self._prefills.append(self._start_prefill(group))
+                self._run_prefills()
                 self._drop_cancelled()
                 if self._active:
                     self._decode_step()
             except Exception as exc:  # a failing step must not kill the server: fail the requests in it
-                for req in admitted + self._active:
+                pending = [r for p in self._prefills for r in p.requests]
+                for req in admitted + pending + self._active:
                     if not req.finished:
                         self._finish(req, FINISH_STOP, error=f"{type(exc).__name__}: {exc}")
                 self._active.clear()
+                self._prefills.clear()
                 self._cache.rows = 0
                 self._cache.lengths.zero_()
-        for req in list(self._waiting) + self._active:
+        pending = [r for p in self._prefills for r in p.requests]
+        for req in list(self._waiting) + pending + self._active:
             if not req.finished:
                 self._finish(req, FINISH_CANCELLED, error="the server is shutting down")
 
     def _take_admissible(self) -> list[Request]:
         admitted: list[Request] = []
-        budget = self.max_batched_tokens - len(self._active)  # the decode step's tokens count too
-        while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
+        # The decode step's tokens and the prompts still being prefilled count against the budget.
+        budget = self.max_batched_tokens - len(self._active) - sum(p.remaining_tokens for p in self._prefills)
+        rows = len(self._active) + sum(len(p.requests) for p in self._prefills)
+        while self._waiting and rows + len(admitted) < self.max_batch_size:
             req = self._waiting[0]
             if req.cancelled.is_set():
                 self._waiting.popleft()
                 self._finish(req, FINISH_CANCELLED)
                 continue
-            # A prompt longer than the whole budget still runs, alone, when nothing else is admitted.
-            if len(req.prompt_ids) > budget and admitted:
+            # A prompt longer than the whole budget still runs when nothing else is admitted or pending.
+            if len(req.prompt_ids) > budget and (admitted or self._prefills):
                 break
             budget -= len(req.prompt_ids)
             admitted.append(self._waiting.popleft())
         return admitted
 
-    def _prefill(self, req: Request) -> None:
-        if req.cancelled.is_set():
-            self._finish(req, FINISH_CANCELLED)
-            return
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        cache = KVCache.for_model(self.model, 1, len(req.prompt_ids))
-        logits = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.stats.prompt_tokens += len(req.prompt_ids)
-        token = self._sample(req, logits)
-        if self._accept(req, token[0]):
-            req.row = self._cache.insert(cache)
-            self._active.append(req)
+    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
+        """Split the admitted requests into batched prefills, longest prompts first.
+
+        One forward over several prompts costs far less than one forward each (the weights are read
+        once), which keeps the running requests' inter-token gaps short when many requests arrive at
+        once. Prompts are left-padded to the group's longest, so a group takes a prompt only while
+        the padding stays under a third of its tokens and the group under ``max_batched_tokens``.
+        An official-mode int8 cache quantizes each prefill as one chunk, pads included, so there
+        every prompt is prefilled alone (as the official code would).
+        """
+        quantizer = self._cache.quantizer
+        if not self.batch_prefill or (quantizer is not None and quantizer.mode == "official"):
+            return [[req] for req in admitted]
+        groups: list[list[Request]] = []
+        for req in sorted(admitted, key=lambda r: -len(r.prompt_ids)):
+            group = groups[-1] if groups else None
+            if group is not None:
+                longest = len(group[0].prompt_ids)
+                padded = longest * (len(group) + 1)
+                real = sum(len(r.prompt_ids) for r in group) + len(req.prompt_ids)
+                if padded <= self.max_batched_tokens and 3 * (padded - real) <= padded:
+                    group.append(req)
+                    continue
+            groups.append([req])
+        return groups
+
+    def _start_prefill(self, group: list[Request]) -> _Prefill:
+        lengths = [len(r.prompt_ids) for r in group]
+        longest = max(lengths)
+        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        mask = torch.zeros(len(group), longest, dtype=torch.bool) if min(lengths) < longest else None
+        for i, req in enumerate(group):  # left padding: every row's last token sits in the last column
+            ids[i, longest - lengths[i]:] = torch.tensor(req.prompt_ids)
+            if mask is not None:
+                mask[i, longest - lengths[i]:] = True
+        cache = KVCache.for_model(self.model, len(group), longest)
+        cfg = self.model.config
+        if cfg.use_dynamic_ntk:  # each row's alpha from its whole prompt, as a one-call prefill picks it
+            cache.ntk_alpha = [float(ntk_alpha(n, cfg.seq_length)) for n in lengths]
+        chunkable = cache.quantizer is None or cache.quantizer.mode != "official"
+        return _Prefill(group, ids, mask, cache, chunkable)
+
+    def _prefill_budget(self) -> int | None:
+        """Prompt tokens this iteration may prefill (None: no limit).
+
+        A prefill stalls every running stream for its duration, so while sequences decode an iteration
+        prefills about one decode step's worth of tokens. Not so when the prompts waiting for their
+        prefill outnumber the running streams (a burst of arrivals): then stalling the few running
+        streams once costs less than holding the many new ones back for several iterations, during
+        which the decode steps would also run at a fraction of the batch.
+        """
+        if not self._active or sum(len(p.requests) for p in self._prefills) > len(self._active):
+            return None
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        if self._decode_step_s is None or self._prefill_token_s is None:
+            return self.MIN_PREFILL_CHUNK * 4
+        return max(self.MIN_PREFILL_CHUNK, int(self._decode_step_s / self._prefill_token_s))
+
+    MIN_PREFILL_CHUNK = 16  # tokens; smaller chunks would pay a whole weight read for almost nothing
+
+    def _run_prefills(self) -> None:
+        budget = self._prefill_budget()
+        while self._prefills and (budget is None or budget > 0):
+            job = self._prefills[0]
+            if all(r.cancelled.is_set() for r in job.requests):
+                self._prefills.popleft()
+                for req in job.requests:
+                    self._finish(req, FINISH_CANCELLED)
+                continue
+            rows, total = job.ids.shape
+            cols = total - job.done
+            if budget is not None and job.chunkable:
+                cols = max(1, min(cols, budget // rows))
+            self._prefill_chunk(job, cols)
+            if budget is not None:
+                budget -= cols * rows
+            if job.done == total:
+                self._prefills.popleft()
+                self._finish_prefill(job)
+
+    def _prefill_chunk(self, job: _Prefill, cols: int) -> None:
+        start, end = job.done, job.done + cols
+        last = end == job.ids.shape[1]
+        ids = job.ids[:, start:end].to(self.device)
+        mask = job.mask[:, start:end].to(self.device) if job.mask is not None else None
+        began = time.perf_counter()
+        out = self.model(ids, attention_mask=mask, past_key_values=job.cache, use_cache=True, logits_to_keep=1)
+        job.logits = out.logits[:, -1] if last else None
+        self._sync()
+        per_token = (time.perf_counter() - began) / ids.numel()
+        self._prefill_token_s = per_token if self._prefill_token_s is None else \
+            0.8 * self._prefill_token_s + 0.2 * per_token
+        job.done = end
+        self.stats.prefill_batches += 1
+
+    def _sync(self) -> None:
+        """Wait for queued GPU work, so the step timings that size prefill chunks are real."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _finish_prefill(self, job: _Prefill) -> None:
+        lengths = job.mask.sum(-1).tolist() if job.mask is not None else [job.ids.shape[1]] * job.ids.shape[0]
+        self.stats.prompt_tokens += int(sum(lengths))
+        for i, req in enumerate(job.requests):
+            if req.cancelled.is_set():
+                self._finish(req, FINISH_CANCELLED)
+                continue
+            token = self._sample(req, job.logits[i:i + 1])
+            if self._accept(req, token[0]):
+                req.row = self._cache.insert(job.cache, i)
+                self._active.append(req)
 
     def _decode_step(self) -> None:
         last = torch.tensor([[r.output_ids[-1]] for r in self._active], device=self.device)
         self._cache.reserve(self._cache.length + 1)
+        began = time.perf_counter()
         logits = self.model(last, past_key_values=self._cache, use_cache=True).logits[:, -1]
+        self._sync()
+        took = time.perf_counter() - began
+        self._decode_step_s = took if self._decode_step_s is None else 0.8 * self._decode_step_s + 0.2 * took
         tokens = self._sample_batch(logits)
         done = [req for req, tok in zip(list(self._active), tokens) if not self._accept(req, tok)]
         for req in done:
@@ -404,6 +550,7 @@ class EngineStats:
         self.requests = self.rejected = self.finished = 0
         self.prompt_tokens = self.generation_tokens = 0
         self.decode_steps = self.batch_size_sum = 0
+        self.prefill_batches = 0  # forward calls that prefilled one or more prompts
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self.latency_sum = 0.0

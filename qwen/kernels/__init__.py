@@ -1,0 +1,212 @@
+"""Our own CPU matrix-vector kernels for decode (gemv.cpp), compiled on first use.
+
+Why our own: batch-1 decode is bound by how fast the matrix-vector products stream the weights.
+PyTorch's CPU paths leave bandwidth unused at M = 1: MKL's gemv over [out, in] fp32 weights reads
+~16 GB/s here, oneDNN over packed weights ~25 GB/s, dynamic int8 (fbgemm) spends more time
+quantizing activations than reading weights, and the int4 tinygemm kernel reads ~9 GB/s.
+gemv.cpp streams four rows at a time per thread with AVX-512 and expands int8/int4 codes in
+registers and multiplies them with int16-rounded activations through AVX512-VNNI (measured numbers: docs/benchmarks.md, docs/quantization.md).
+
+The library is built with the system C++ compiler (``g++ -O3 -march=native -fopenmp``) into
+``$QWEN_CACHE_DIR`` (default ``~/.cache/qwen``)/kernels/<hash>/, once per source, compiler and CPU,
+written to a temporary file and renamed so concurrent builds cannot leave a broken library. It links
+to the OpenMP runtime PyTorch already loaded (same soname), so the two share one thread pool.
+Without a compiler, or with ``QWEN_KERNELS=0``, ``available()`` is False and callers keep
+PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("gemv.cpp")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
+MAX_ROWS = 4  # activation rows (tokens) the kernels are meant for; beyond, GEMM libraries win
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QWEN_CACHE_DIR", Path.home() / ".cache" / "qwen")) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build(cxx: str) -> Path:
+    source = _SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(source + " ".join([cxx, *flags, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / key / "libqwen_gemv.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {_SOURCE.name}:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qwen_gemv_f32.argtypes = [p, p, p, p, i64, i64, i64, c_int]
+    lib.qwen_gemv_f32.restype = None
+    for name in ("qwen_gemv_q8", "qwen_gemv_q4"):
+        fn = getattr(lib, name)
+        fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, c_int]
+        fn.restype = None
+    lib.qwen_kernels_avx512.restype = c_int
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first call; None when unavailable (reason: ``why_unavailable``)."""
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _failed is not None:
+            return _lib
+        if os.environ.get("QWEN_KERNELS", "1") == "0":
+            _failed = "disabled by QWEN_KERNELS=0"
+            return None
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            _failed = f"only built for x86-64 (this is {platform.machine()})"
+            return None
+        cxx = _compiler()
+        if cxx is None:
+            _failed = "no C++ compiler found (install g++ or set CXX)"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cxx)))
+            _declare(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            _failed = str(exc)
+            warnings.warn(f"qwen CPU kernels unavailable, using PyTorch's: {exc}", stacklevel=2)
+            return None
+        if not lib.qwen_kernels_avx512():
+            _failed = "this CPU has no AVX-512: the portable build is slower than PyTorch's kernels"
+            return None
+        _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def why_unavailable() -> str | None:
+    library()
+    return _failed
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check_input(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError(f"the CPU kernels take fp32 CPU activations, got {x.dtype} on {x.device}")
+    if x.shape[-1] != k:
+        raise ValueError(f"expected {k} input features, got {x.shape[-1]}")
+    return x.reshape(-1, k).contiguous()
+
+
+def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T + bias, for a few rows of x (decode). fp32, CPU, contiguous weight."""
+    lib = library()
+    assert lib is not None, why_unavailable()
+    n, k = weight.shape
+    x2 = _check_input(x, k)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    lib.qwen_gemv_f32(x2.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), x2.shape[0], n, k,
+                      torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _interleave_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """[N, row_bytes] -> gemv.cpp's order: tiles of 4 rows with their 32-byte chunks interleaved."""
+    n, row_bytes = codes.shape
+    n4 = n // 4 * 4
+    tiles = codes[:n4].reshape(n4 // 4, 4, row_bytes // 32, 32).transpose(1, 2).reshape(n4, row_bytes)
+    return torch.cat([tiles, codes[n4:]]).contiguous()
+
+
+class QuantizedRows:
+    """Weight codes in the kernels' row-major layout, with per-(row, group) scale and scale*zero.
+
+    ``codes`` [N, K] uint8 (integer codes), ``scales``/``zeros`` [N, K/G] floats (true zero points,
+    w = scale * (code - zero)). 4-bit codes are repacked into the two-nibbles-per-byte layout of gemv.cpp.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 bias: torch.Tensor | None = None) -> None:
+        n, k = codes.shape
+        groups = scales.shape[1]
+        if bits not in (4, 8):
+            raise ValueError(f"the CPU kernels handle 4- and 8-bit codes, not {bits}")
+        if k % groups:
+            raise ValueError(f"{groups} groups do not divide {k} inputs")
+        g = k // groups
+        if g % (64 if bits == 4 else 32):
+            raise ValueError(f"group size {g} must be a multiple of {64 if bits == 4 else 32} for {bits}-bit")
+        self.bits, self.in_features, self.out_features, self.group_size = bits, k, n, g
+        # int32 block sums must not overflow: 255 * 32767 * 256 < 2^31, so blocks of at most 256 inputs.
+        self.block = g if g <= 256 else next(b for b in (256, 128, 64, 32) if g % b == 0)
+        codes = codes.to(torch.uint8)
+        if bits == 4:
+            blocks = codes.reshape(n, k // 64, 2, 32)
+            codes = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+        self.codes = _interleave_tiles(codes.contiguous())
+        self.scales = scales.float().contiguous()
+        self.scaled_zeros = (scales.float() * zeros.float()).contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.scaled_zeros))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lib = library()
+        assert lib is not None, why_unavailable()
+        k, n = self.in_features, self.out_features
+        x2 = _check_input(x, k)
+        m = x2.shape[0]
+        # Activations as int16 with one scale per row (relative error <= 1.5e-5 of the row's max).
+        xscale = (x2.abs().amax(dim=1) / 32767).clamp_(min=torch.finfo(torch.float32).tiny)
+        xi = torch.round(x2 / xscale[:, None]).to(torch.int16)
+        xisum = xi.reshape(m, k // self.group_size, self.group_size).sum(-1, dtype=torch.int32).float()
+        y = torch.empty(m, n, dtype=torch.float32)
+        fn = lib.qwen_gemv_q8 if self.bits == 8 else lib.qwen_gemv_q4
+        fn(xi.data_ptr(), xscale.data_ptr(), xisum.data_ptr(), self.codes.data_ptr(), self.scales.data_ptr(),
+           self.scaled_zeros.data_ptr(), _ptr(self.bias), y.data_ptr(), m, n, k, self.group_size, self.block,
+           torch.get_num_threads())
+        return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,101 @@
+"""Our CPU decode kernels (qwen/kernels/gemv.cpp) against plain PyTorch matmuls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("n,k", [(64, 128), (37, 100), (5, 16), (130, 2051)])
+def test_gemv_f32_equals_matmul(m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    ref = x.double() @ w.double().T
+    # fp32 with a different summation order than MKL: error grows like sqrt(k) * eps * |terms|
+    tol = 1e-5 * k ** 0.5 * 4
+    torch.testing.assert_close(kernels.gemv_f32(x, w).double(), ref, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(kernels.gemv_f32(x, w, b).double(), ref + b.double(), atol=tol, rtol=1e-5)
+
+
+def test_gemv_f32_keeps_leading_dims_and_rejects_bad_input() -> None:
+    w = torch.randn(8, 32)
+    x = torch.randn(1, 1, 32)
+    assert kernels.gemv_f32(x, w).shape == (1, 1, 8)
+    with pytest.raises(TypeError, match="fp32"):
+        kernels.gemv_f32(x.double(), w)
+    with pytest.raises(ValueError, match="32 input features"):
+        kernels.gemv_f32(torch.randn(1, 31), w)
+
+
+def _quantized(n: int, k: int, bits: int, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    scales = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    zeros = torch.randint(1, 2**bits, (n, k // group), generator=g).float()
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 128), (8, 256), (8, 512), (4, 64), (4, 128), (4, 256), (4, 512)])
+@pytest.mark.parametrize("m", [1, 2, 4, 5])
+def test_quantized_rows_equal_the_dequantized_matmul(bits: int, group: int, m: int) -> None:
+    n, k = 52, 1024
+    codes, scales, zeros = _quantized(n, k, bits, group, seed=bits * 10 + m)
+    bias = torch.randn(n)
+    w = (codes.float() - zeros.repeat_interleave(group, 1)) * scales.repeat_interleave(group, 1)
+    layer = kernels.QuantizedRows(codes, scales, zeros, bits, bias)
+    x = torch.randn(m, k)
+    y = layer(x).double()
+    # The kernel rounds activations to int16 with one scale per row; against the matmul with those
+    # rounded activations it is exact up to fp32 summation.
+    sx = x.abs().amax(dim=1, keepdim=True) / 32767
+    xq = torch.round(x / sx) * sx
+    ref_q = xq.double() @ w.double().T + bias.double()
+    torch.testing.assert_close(y, ref_q, atol=2e-4, rtol=1e-5)
+    # Against the exact activations: the rounding costs ~1e-5 of the output's scale.
+    ref = x.double() @ w.double().T + bias.double()
+    assert float((y - ref).norm() / ref.norm()) < 1e-4
+    assert layer.codes.numel() == n * k * bits // 8  # 4-bit: two codes per byte
+
+
+def test_quantized_rows_reject_unsupported_groups() -> None:
+    codes, scales, zeros = _quantized(8, 96, 4, 32, seed=0)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kernels.QuantizedRows(codes, scales, zeros, 4)
+    with pytest.raises(ValueError, match="4- and 8-bit"):
+        kernels.QuantizedRows(codes, scales, zeros, 3)
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(4, 128, False), (4, 64, True), (4, -1, False), (8, 32, False),
+                                                   (8, 128, True), (8, -1, False)])
+def test_quant_linear_decodes_through_the_gemv_kernel(bits: int, group: int, act_order: bool) -> None:
+    from qwen.quant.linear import QuantLinear
+
+    n, k = 64, 256
+    g = k if group == -1 else group
+    gen = torch.Generator().manual_seed(bits + g)
+    q = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scales = (torch.rand(k // g, n, generator=gen) * 0.02 + 0.001).half()
+    zeros = torch.randint(1, 2**bits, (k // g, n), generator=gen)
+    g_idx = torch.arange(k) // g
+    if act_order:  # a permuted g_idx, as GPTQ's desc_act writes
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    layer = QuantLinear.from_codes(q, scales, zeros, g_idx.int(), bits, group, bias=torch.randn(n, generator=gen).half())
+    ref_layer = QuantLinear.from_codes(q, scales, zeros, g_idx.int(), bits, group, bias=layer.bias.clone())
+    ref_layer.prepare(kernel="dequant")
+    x = torch.randn(1, 3, k, generator=gen)
+    with torch.no_grad():
+        y = layer(x)  # 3 tokens: the decode kernel
+        assert layer.decode_kernel == f"gemv-int{bits}"
+        ref = ref_layer(x)
+        assert ref_layer.decode_kernel is None  # a forced kernel is used as asked
+        assert float((y - ref).norm() / ref.norm()) < 1e-4
+        # More tokens than the decode kernel takes: the main kernel runs (bf16 tinygemm / 8-bit fbgemm).
+        x_long = torch.randn(1, 9, k, generator=gen)
+        assert float((layer(x_long) - ref_layer(x_long)).norm() / ref_layer(x_long).norm()) < 2e-2
