@@ -316,6 +316,7 @@ def load_model(
     strict: bool = True,
     cpu_packed_weights: bool | None = None,
     quant_kernel: str = "auto",
+    int8_lm_head: bool = False,
     **kwargs: Any,
 ) -> QWenLMHeadModel:
     """Load a QWenLMHeadModel from a checkpoint directory (see module docstring).
@@ -332,6 +333,9 @@ def load_model(
     layers holding the official tensors; ``quant_kernel`` picks their CPU kernel ("auto", or
     "dequant" for the exact reference path; see qwen/quant/linear.py). On the CPU their float parts
     (embeddings, norms, lm_head) default to float32.
+
+    ``int8_lm_head=True`` (CPU, fp32) rounds lm_head to int8 for faster decode (qwen/quant/head.py):
+    a deliberate, small deviation from the checkpoint, off by default.
     """
     path = resolve_model_path(pretrained_model_name_or_path)
     if not os.path.isdir(path):
@@ -432,6 +436,14 @@ def load_model(
     model.eval()
     from .cpu_pack import pack_linear_layers, packing_supported
 
+    if int8_lm_head:
+        from .quant.head import quantize_lm_head
+
+        if dtype != torch.float32 or not quantize_lm_head(model):
+            from . import kernels
+
+            raise CheckpointError(f"int8_lm_head needs an fp32 model on the CPU and the CPU kernels "
+                                  f"({kernels.why_unavailable() or 'dtype ' + str(dtype)})")
     if cpu_packed_weights is None:
         cpu_packed_weights = all(d.type == "cpu" for d in placement.values()) and packing_supported(dtype)
     if cpu_packed_weights:

@@ -99,3 +99,26 @@ def test_quant_linear_decodes_through_the_gemv_kernel(bits: int, group: int, act
         # More tokens than the decode kernel takes: the main kernel runs (bf16 tinygemm / 8-bit fbgemm).
         x_long = torch.randn(1, 9, k, generator=gen)
         assert float((layer(x_long) - ref_layer(x_long)).norm() / ref_layer(x_long).norm()) < 2e-2
+
+
+def test_int8_lm_head_is_close_to_the_float_head_and_refuses_to_be_saved(tmp_path) -> None:
+    from qwen import AutoModelForCausalLM
+    from qwen.checkpoint import init_checkpoint
+    from qwen.quant.head import Int8Head
+
+    init_checkpoint("tiny-vocab", tmp_path / "m", seed=0)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", progress=False, int8_lm_head=True)
+    assert isinstance(model.lm_head, Int8Head)
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full_ref = ref(ids).logits
+        full = model(ids).logits  # 12 rows: the dequantized-slices path
+        last = model(ids, logits_to_keep=1).logits  # 1 row: the int8 decode kernel
+    rel = float((full - full_ref).norm() / full_ref.norm())
+    # Gaussian weights: step = max|w|/127 ~ 2.5 sigma/127 per group, error std = step/sqrt(12) ~ 0.6% of sigma
+    assert rel < 1e-2
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(model.lm_head.weight, ref.lm_head.weight, atol=float(ref.lm_head.weight.abs().max()) / 127, rtol=0)
+    with pytest.raises(RuntimeError, match="int8_lm_head"):
+        model.save_pretrained(tmp_path / "out")

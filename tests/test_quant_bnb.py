@@ -33,3 +33,18 @@ def test_demo_model_loads_quantized_and_still_answers(kwargs: dict, layer: str) 
 def test_conflicting_flags_are_refused() -> None:
     with pytest.raises(ValueError, match="not both"):
         AutoModelForCausalLM.from_pretrained("qwen-demo", load_in_4bit=True, load_in_8bit=True)
+
+
+def test_nf4_layers_whose_outputs_are_not_a_multiple_of_32_run(tmp_path) -> None:
+    # bitsandbytes' CPU repacking asserts out_features % 32 == 0; the demo model's MLP has 344 outputs.
+    pytest.importorskip("bitsandbytes")
+    from qwen import AutoModelForCausalLM
+    from qwen.checkpoint import init_checkpoint
+
+    init_checkpoint("tiny-vocab", tmp_path / "m", seed=0, intermediate_size=344)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", load_in_4bit=True, progress=False).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", progress=False).eval()
+    ids = torch.randint(0, 500, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    assert float((got - want).norm() / want.norm()) < 0.1  # NF4: a few % on random weights

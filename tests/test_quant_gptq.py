@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 from typing import Iterator
 
@@ -19,6 +18,7 @@ from qwen.commands import quantize as quantize_cmd
 from qwen.config import preset_config
 from qwen.model import QWenLMHeadModel
 from qwen.quant import GPTQConfig, QuantConfigError, quantize_model
+from qwen.quant.accuracy import demo_texts, perplexity
 from qwen.quant.gptq import HessianAccumulator, check_quantizable, quantize_gptq, quantize_rtn
 from qwen.quant.linear import quant_linear_layers
 
@@ -103,31 +103,23 @@ def test_gptq_handles_dead_inputs_and_is_deterministic() -> None:
 
 # ------------------------------------------------------------------------------------ demo model
 def _demo_texts() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Calibration and held-out evaluation sequences: alternate documents of the demo's training text."""
-    from qwen.finetune.demo.synthetic import SyntheticSet
+    """Calibration and held-out evaluation sequences: alternate documents of the demo's training text.
 
-    tokenizer = AutoTokenizer.from_pretrained("qwen-demo")
-    docs = SyntheticSet(1234).pretraining_documents(1)
-    ids = [torch.tensor((tokenizer.encode(d) + [tokenizer.eod_id])[:256]) for d in docs]
-    # Evaluation cost is dominated by the 152k-word softmax: ~6k held-out tokens. Below ~4k tokens the
-    # RTN/GPTQ gap ratio (previous demo model) moved between 0.14 and 0.46 with the calibration set; at 12k
-    # tokens it stays between 0.13 and 0.29 (GPTQ with desc_act: 0.13-0.16).
-    return ids[0::2][:32], ids[1::2][:24]
+    Evaluation cost is dominated by the 152k-word softmax: ~6k held-out tokens. Below ~4k tokens the
+    RTN/GPTQ gap ratio (previous demo model) moved between 0.14 and 0.46 with the calibration set; at 12k
+    tokens it stays between 0.13 and 0.29 (GPTQ with desc_act: 0.13-0.16)."""
+    return demo_texts(AutoTokenizer.from_pretrained("qwen-demo"))
 
 
-@torch.no_grad()
 def _perplexity(model: QWenLMHeadModel, texts: list[torch.Tensor]) -> float:
-    nll, count = 0.0, 0
-    for ids in texts:
-        out = model(ids[None], use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][0, :-1]  # after ln_f
-        targets = ids[1:]
-        # The 152k-word head in slices of 32 positions: ~20 MB of logits at a time instead of 150 MB.
-        for i in range(0, len(targets), 32):
-            logits = model.lm_head(hidden[i : i + 32]).float()
-            nll += float(torch.nn.functional.cross_entropy(logits, targets[i : i + 32], reduction="sum"))
-        count += len(targets)
-    return math.exp(nll / count)
+    return perplexity(model, texts)
+
+
+def test_chunked_perplexity_through_the_cache_equals_one_pass(demo) -> None:
+    model, _, evaluation = demo
+    texts = evaluation[:3]
+    one_pass = perplexity(model, texts)
+    assert abs(perplexity(model, texts, chunk=16) / one_pass - 1) < 1e-5
 
 
 @pytest.fixture(scope="module")

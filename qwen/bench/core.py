@@ -184,11 +184,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ours-int8 / ours-int4: the transformer blocks round-to-nearest quantized into the official GPTQ layout
-# (group 128, as the official -Int8/-Int4 checkpoints; the kernels do not care how codes were found).
-QUANTIZED_ENGINES = {"ours-int8": 8, "ours-int4": 4}
+# (group 128, as the official -Int8/-Int4 checkpoints; the kernels do not care how codes were found),
+# lm_head in float as in those checkpoints. The -head8 variants also round lm_head to int8
+# (from_pretrained(..., int8_lm_head=True)), as qwen.cpp's q8_0/q4_0 files quantize every matrix.
+QUANTIZED_ENGINES = {"ours-int8": (8, False), "ours-int4": (4, False), "ours-int8-head8": (8, True),
+                     "ours-int4-head8": (4, True)}
 
 
-def _quantize_for_bench(model: Any, bits: int) -> tuple[dict[str, int], int]:
+def _quantize_for_bench(model: Any, spec: tuple[int, bool]) -> tuple[dict[str, int], int]:
     """Quantize ``model``'s blocks in place; returns ({kernel: layers}, weight bytes one decode step reads)."""
     import torch
 
@@ -196,6 +199,7 @@ def _quantize_for_bench(model: Any, bits: int) -> tuple[dict[str, int], int]:
     from ..quant.layout import GPTQConfig
     from ..quant.linear import prepare_quant_layers, quant_linear_layers
 
+    bits, int8_head = spec
     quantize_model_rtn(model, GPTQConfig(bits=bits, group_size=128), progress=False)
     counts = prepare_quant_layers(model, torch.float32)
     read = 0
@@ -207,7 +211,14 @@ def _quantize_for_bench(model: Any, bits: int) -> tuple[dict[str, int], int]:
             read += sum(b.numel() * b.element_size() for b in layer.buffers())
         counts[f"decode:{layer.decode_kernel or layer.kernel}"] = counts.get(f"decode:{layer.decode_kernel or layer.kernel}", 0) + 1
     cfg = model.config
-    read += cfg.vocab_size * cfg.hidden_size * 4  # the float lm_head
+    if int8_head:
+        from ..quant.head import quantize_lm_head
+
+        if not quantize_lm_head(model):
+            raise RuntimeError("int8 lm_head needs the CPU kernels (qwen.kernels.why_unavailable())")
+        read += model.lm_head.rows.nbytes()
+    else:
+        read += cfg.vocab_size * cfg.hidden_size * 4  # the float lm_head
     return counts, read
 
 
@@ -244,8 +255,8 @@ def render_markdown(runs: list[dict[str, Any]], bandwidth: dict[str, float]) -> 
                          f"{res['decode_tok_s']:.2f} | {share:.0%} | {run['peak_rss_bytes'] / 2**30:.2f} GiB |")
     by_name = {r["engine"]: r for r in runs}
     pairs = [("ours", other["engine"]) for other in others]
-    pairs += [(a, b) for a, b in (("ours-int8", "ours"), ("ours-int4", "ours"), ("ours-int8", "qwen.cpp-q8_0"),
-                                  ("ours-int4", "qwen.cpp-q4_0")) if a in by_name and b in by_name]
+    pairs += [(a, b) for a in QUANTIZED_ENGINES for b in ("ours", "qwen.cpp-q8_0" if "int8" in a else "qwen.cpp-q4_0")
+              if a in by_name and b in by_name]
     for a_name, b_name in pairs:
         lines += ["", f"Ratios {a_name} / {b_name}:", ""]
         for a, b in zip(by_name[a_name]["results"], by_name[b_name]["results"]):
@@ -269,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default="ours,transformers",
                    help="comma-separated: ours (default CPU path: oneDNN-packed weights), ours-unpacked "
                         "(plain nn.Linear), ours-int8 / ours-int4 (blocks quantized to the official GPTQ layout, "
-                        "group 128), transformers (needs the dev extra), qwen.cpp / qwen.cpp-q8_0 / qwen.cpp-q4_0 "
+                        "group 128; -head8 variants also round lm_head to int8), transformers (needs the dev extra), qwen.cpp / qwen.cpp-q8_0 / qwen.cpp-q4_0 "
                         "(needs qwen-cpp; see qwen/bench/qwencpp.py)")
     p.add_argument("--overrides", default="{}", help='JSON config overrides, e.g. \'{"num_hidden_layers": 4}\'')
     p.add_argument("--json", metavar="FILE", help="also write raw results as JSON")

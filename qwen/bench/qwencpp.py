@@ -158,11 +158,11 @@ def run_worker(args: Any) -> dict[str, Any]:
             return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
 
         # Every 2-D tensor but the embedding (a row gather) is read once per token, at the file's type.
-        matrices = config.num_parameters() - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 0)
+        table = config.vocab_size * config.hidden_size
+        # num_parameters counts a tied table once; qwen.cpp's file has its own head either way.
+        matrices = config.num_parameters() - table + (table if config.tie_word_embeddings else 0)
         norms_and_biases = config.num_hidden_layers * (2 * config.hidden_size + 3 * config.hidden_size) + config.hidden_size
         weights = int((matrices - norms_and_biases) * BYTES_PER_WEIGHT[kind] + norms_and_biases * 4)
-        if config.tie_word_embeddings:  # qwen.cpp reads its own (written) head
-            weights += int(config.vocab_size * config.hidden_size * BYTES_PER_WEIGHT[kind])
         results = measure(run, config, 4, args, weights)
     finally:
         os.unlink(path)

@@ -86,6 +86,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, c_int]
         fn.restype = None
     lib.qwen_kernels_avx512.restype = c_int
+    lib.qwen_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.qwen_quantize_activations.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -161,6 +163,24 @@ def _interleave_tiles(codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([tiles, codes[n4:]]).contiguous()
 
 
+def untile_rows(codes: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of tile-ordered codes back in plain [rows, row_bytes] order (start % 4 == 0)."""
+    n, row_bytes = codes.shape
+    n4 = n // 4 * 4
+    if start % 4 or (stop < n4 and stop % 4):
+        raise ValueError("rows of the tiled part are taken in whole tiles of 4")
+    tiled_stop = min(stop, n4)
+    parts = []
+    if start < tiled_stop:
+        t = (tiled_stop - start) // 4 * 4
+        block = codes[start : start + t].reshape(t // 4, row_bytes // 32, 4, 32).transpose(1, 2).reshape(t, row_bytes)
+        parts.append(block)
+        start += t
+    if start < stop:
+        parts.append(codes[start:stop])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 class QuantizedRows:
     """Weight codes in the kernels' row-major layout, with per-(row, group) scale and scale*zero.
 
@@ -201,9 +221,11 @@ class QuantizedRows:
         x2 = _check_input(x, k)
         m = x2.shape[0]
         # Activations as int16 with one scale per row (relative error <= 1.5e-5 of the row's max).
-        xscale = (x2.abs().amax(dim=1) / 32767).clamp_(min=torch.finfo(torch.float32).tiny)
-        xi = torch.round(x2 / xscale[:, None]).to(torch.int16)
-        xisum = xi.reshape(m, k // self.group_size, self.group_size).sum(-1, dtype=torch.int32).float()
+        xi = torch.empty(m, k, dtype=torch.int16)
+        xscale = torch.empty(m, dtype=torch.float32)
+        xisum = torch.empty(m, k // self.group_size, dtype=torch.float32)
+        lib.qwen_quantize_activations(x2.data_ptr(), m, k, self.group_size, xi.data_ptr(), xscale.data_ptr(),
+                                      xisum.data_ptr())
         y = torch.empty(m, n, dtype=torch.float32)
         fn = lib.qwen_gemv_q8 if self.bits == 8 else lib.qwen_gemv_q4
         fn(xi.data_ptr(), xscale.data_ptr(), xisum.data_ptr(), self.codes.data_ptr(), self.scales.data_ptr(),

@@ -23,6 +23,7 @@
 
 #include <omp.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -285,6 +286,30 @@ void qwen_gemv_f32(const float* x, const float* w, const float* bias, float* y, 
                 case 3: f32_band<3>(xm, w, bias, ym, N, K, lo, hi); break;
                 default: f32_band<4>(xm, w, bias, ym, N, K, lo, hi); break;
             }
+        }
+    }
+}
+
+// Activations for the quantized kernels: per row m, xscale[m] = max|x| / 32767, xi = round(x / xscale)
+// (ties to even, as torch.round), xisum[m, g] = sum of xi over group g. One pass instead of six tensor ops.
+void qwen_quantize_activations(const float* x, int64_t M, int64_t K, int64_t G, int16_t* xi, float* xscale,
+                               float* xisum) {
+    const float tiny = 1.17549435e-38f;
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(xr[k]));
+        float scale = amax / 32767.f;
+        if (scale < tiny) scale = tiny;
+        xscale[m] = scale;
+        for (int64_t g = 0; g < K / G; ++g) {
+            int32_t sum = 0;
+            for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+                int32_t q = (int32_t)nearbyintf(xr[k] / scale);
+                xi[m * K + k] = (int16_t)q;
+                sum += q;
+            }
+            xisum[m * (K / G) + g] = (float)sum;
         }
     }
 }

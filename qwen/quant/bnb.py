@@ -95,6 +95,12 @@ def quantize_with_bitsandbytes(model: nn.Module, settings: BnbSettings) -> nn.Mo
             new.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
         if lin.bias is not None:
             new.bias = nn.Parameter(lin.bias.data.to(settings.compute_dtype).cpu(), requires_grad=False)
+        if settings.bits == 4 and (lin.out_features % 32 or lin.in_features % 64) and \
+                hasattr(new, "support_avx512bf16_for_cpu"):
+            # bitsandbytes 0.50's CPU repacking (AVX512-BF16 machines) needs out_features % 32 == 0 and whole
+            # 64-input blocks per row, and crashes at the first inference call otherwise; such layers keep
+            # the generic 4-bit path.
+            new.support_avx512bf16_for_cpu = False
         setattr(parent, name.rsplit(".", 1)[1], new.to(device))  # .to() quantizes
     # What transformers sets on k-bit models: peft reads it to wrap these layers with its bitsandbytes
     # LoRA classes (otherwise Linear4bit, an nn.Linear subclass, would get the plain one; see Q-LoRA).
