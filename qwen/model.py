@@ -182,6 +182,8 @@ class QWenModel(nn.Module):
         self.h = nn.ModuleList(QWenBlock(config) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        self.fused_decode = True  # batch-1 CPU decode of quantized models in one C call (qwen/kernels/decode.py)
+        self._fused: Any = None
 
     def forward(
         self,
@@ -252,7 +254,10 @@ class QWenModel(nn.Module):
 
         x = self.drop(x)
         hidden: list[torch.Tensor] = []
-        for i, block in enumerate(self.h):
+        fused = self._fused_decoder(x, cache, mask, output_hidden_states)
+        if fused is not None:
+            x = fused(x, cos, sin, 1.0 if logn is None else float(logn.reshape(-1)[0]), cache)
+        for i, block in enumerate(self.h if fused is None else ()):
             dev = block.ln_1.weight.device
             if x.device != dev:  # layers spread over devices (device_map)
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
@@ -272,6 +277,25 @@ class QWenModel(nn.Module):
         if cache is not None:
             cache.commit(t, taken)
         return x, (tuple(hidden) if output_hidden_states else None)
+
+    def _fused_decoder(self, x: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None,
+                       output_hidden_states: bool) -> Any:
+        """The one-call decode step when it computes exactly what the blocks would (else None)."""
+        if (not self.fused_decode or type(cache) is not KVCache or x.shape[0] != 1 or x.shape[1] != 1
+                or x.dtype != torch.float32 or x.device.type != "cpu" or mask is not None or output_hidden_states
+                or self.training or torch.is_grad_enabled() or cache.quantizer is not None or cache.padded
+                or cache.dtype != torch.float32):
+            return None
+        from .kernels import decode
+
+        if not decode.enabled():
+            return None
+        if self._fused is None or not self._fused.still_valid():
+            self._fused = decode.FusedDecoder.build(self)
+        if self._fused is None or not all(
+                t.device.type == "cpu" and t.is_contiguous() for t in (*cache.keys, *cache.values)):
+            return None
+        return self._fused
 
     @staticmethod
     def _build_mask(

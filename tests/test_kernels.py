@@ -75,7 +75,7 @@ def test_quantized_rows_reject_unsupported_groups() -> None:
 @pytest.mark.parametrize("bits,group,act_order", [(4, 128, False), (4, 64, True), (4, -1, False), (8, 32, False),
                                                    (8, 128, True), (8, -1, False)])
 def test_quant_linear_decodes_through_the_gemv_kernel(bits: int, group: int, act_order: bool) -> None:
-    from qwen.quant.linear import QuantLinear
+    from qwen.quant.linear import QuantLinear, _has_vnni
 
     n, k = 64, 256
     g = k if group == -1 else group
@@ -97,8 +97,10 @@ def test_quant_linear_decodes_through_the_gemv_kernel(bits: int, group: int, act
         assert ref_layer.decode_kernel is None  # a forced kernel is used as asked
         assert float((y - ref).norm() / ref.norm()) < 1e-4
         # More tokens than the decode kernel takes: the main kernel runs (bf16 tinygemm / 8-bit fbgemm).
+        # fbgemm rounds activations to 8 bits, to 7 (reduce_range) on CPUs without VNNI: twice the error.
         x_long = torch.randn(1, 9, k, generator=gen)
-        assert float((layer(x_long) - ref_layer(x_long)).norm() / ref_layer(x_long).norm()) < 2e-2
+        tol = 2e-2 if bits == 4 or _has_vnni() else 4e-2
+        assert float((layer(x_long) - ref_layer(x_long)).norm() / ref_layer(x_long).norm()) < tol
 
 
 def test_int8_lm_head_is_close_to_the_float_head_and_refuses_to_be_saved(tmp_path) -> None:

@@ -31,7 +31,7 @@ from qwen.quant.layout import (
     unpack_cols,
     unpack_rows,
 )
-from qwen.quant.linear import QuantLinear, quant_linear_layers
+from qwen.quant.linear import QuantLinear, _has_vnni, quant_linear_layers
 
 SYM4_WORD = 0x77777777  # eight stored zeros of 7 (true zero 8)
 SYM8_WORD = 0x7F7F7F7F  # four stored zeros of 127 (true zero 128)
@@ -262,8 +262,8 @@ EXPECTED_KERNEL = {"int4-g32": "int4-tinygemm", "int4-g32-desc_act": "int4-tinyg
                    "int4-ragged-g_idx": "dequant", "int8-g32-desc_act": "int8-fbgemm", "int8-per-row": "int8-fbgemm",
                    "int2-g32": "dequant"}
 # Relative error of the fast kernels against the exact float64 product: tinygemm runs in bf16 (~2^-9
-# per rounding), fbgemm quantizes activations to 8 bits.
-KERNEL_TOLERANCE = {"int4-tinygemm": 1e-2, "int8-fbgemm": 2e-2, "dequant": 1e-5}
+# per rounding), fbgemm quantizes activations to 8 bits (7 bits, reduce_range, on CPUs without VNNI).
+KERNEL_TOLERANCE = {"int4-tinygemm": 1e-2, "int8-fbgemm": 2e-2 if _has_vnni() else 4e-2, "dequant": 1e-5}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -298,9 +298,11 @@ def test_hand_written_checkpoint_loads_and_computes_the_dequantized_layer(tmp_pa
     with torch.no_grad():
         expected_logits = reference(ids).logits
         # The fast kernels' rounding compounds over this random model (measured: 0.3-0.6% of the largest
-        # logit with tinygemm, 5-7% with fbgemm's 8-bit activations); the exact check follows.
+        # logit with tinygemm, 5-7% with fbgemm's 8-bit activations, 27% with its 7-bit ones on CPUs
+        # without VNNI; on the trained demo model int8 stays within 1%: test_quant_gptq); the exact check follows.
         fast = model(ids).logits
-        bound = {"int4-tinygemm": 2e-2, "int8-fbgemm": 0.15, "dequant": 1e-4}[EXPECTED_KERNEL[case]]
+        bound = {"int4-tinygemm": 2e-2, "int8-fbgemm": 0.15 if _has_vnni() else 0.35,
+                 "dequant": 1e-4}[EXPECTED_KERNEL[case]]
         assert float((fast - expected_logits).abs().max()) <= bound * float(expected_logits.abs().max())
         for layer in layers.values():
             layer.prepare(kernel="dequant")
@@ -396,7 +398,7 @@ def test_kernel_choice_and_agreement_with_the_reference(bits, group_size, k, n, 
         layer.prepare(kernel="auto")
         got = layer(x)
     assert layer.kernel == kernel
-    tol = {"int4-tinygemm": 1e-2, "int8-fbgemm": 2e-2, "dequant": 1e-6}[kernel]
+    tol = {"int4-tinygemm": 1e-2, "int8-fbgemm": 2e-2 if _has_vnni() else 4e-2, "dequant": 1e-6}[kernel]
     assert float((got - reference).abs().max()) <= tol * float(reference.abs().max())
     if kernel == "dequant":
         with pytest.raises(ValueError, match="cannot run this layer"):
@@ -420,5 +422,5 @@ def test_int8_rowwise_is_opt_in_and_keeps_the_official_codes() -> None:
         assert layer.prepare(kernel="auto") == "int8-fbgemm"  # auto never re-rounds the weights
         assert layer.prepare(kernel="int8-rowwise") == "int8-rowwise"
         got = layer(x)
-    assert float((got - reference).abs().max()) <= 2e-2 * float(reference.abs().max())
+    assert float((got - reference).abs().max()) <= (2e-2 if _has_vnni() else 4e-2) * float(reference.abs().max())
     assert torch.equal(layer.state_dict()["qweight"], codes)  # saving writes the checkpoint's codes

@@ -4,8 +4,10 @@ Why our own: batch-1 decode is bound by how fast the matrix-vector products stre
 PyTorch's CPU paths leave bandwidth unused at M = 1: MKL's gemv over [out, in] fp32 weights reads
 ~16 GB/s here, oneDNN over packed weights ~25 GB/s, dynamic int8 (fbgemm) spends more time
 quantizing activations than reading weights, and the int4 tinygemm kernel reads ~9 GB/s.
-gemv.cpp streams four rows at a time per thread with AVX-512 and expands int8/int4 codes in
-registers and multiplies them with int16-rounded activations through AVX512-VNNI (measured numbers: docs/benchmarks.md, docs/quantization.md).
+gemv.cpp streams four rows at a time per thread, expands int8/int4 codes in registers and
+multiplies them with int16-rounded activations (AVX512-VNNI's vpdpwssd, or AVX2's vpmaddwd on CPUs
+without AVX-512 such as AMD Zen 2/3; the integer sums are exact either way). Measured numbers:
+docs/benchmarks.md, docs/quantization.md. kernels/decode.py runs a whole decode step in one call.
 
 The library is built with the system C++ compiler (``g++ -O3 -march=native -fopenmp``) into
 ``$QWEN_CACHE_DIR`` (default ``~/.cache/qwen``)/kernels/<hash>/, once per source, compiler and CPU,
@@ -85,9 +87,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, c_int]
         fn.restype = None
-    lib.qwen_kernels_avx512.restype = c_int
+    lib.qwen_kernels_simd.restype = c_int
     lib.qwen_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
     lib.qwen_quantize_activations.restype = None
+    f32 = ctypes.c_float
+    lib.qwen_decode_layers.argtypes = [p, p, p, i64, p, i64, i64, i64, i64, i64, i64, p, p, f32, f32, c_int]
+    lib.qwen_decode_layers.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -115,8 +120,8 @@ def library() -> ctypes.CDLL | None:
             _failed = str(exc)
             warnings.warn(f"qwen CPU kernels unavailable, using PyTorch's: {exc}", stacklevel=2)
             return None
-        if not lib.qwen_kernels_avx512():
-            _failed = "this CPU has no AVX-512: the portable build is slower than PyTorch's kernels"
+        if lib.qwen_kernels_simd() < 256:
+            _failed = "this CPU has neither AVX-512 nor AVX2+FMA: the portable build is slower than PyTorch's kernels"
             return None
         _lib = lib
     return _lib

@@ -343,6 +343,17 @@ class QuantLinear(nn.Module):
         self._runtime = {"packed": [packed], "slices": [(0, self.in_features)], "perm": None,
                          "reduce_range": not _has_vnni(), "bias": self.bias.float()}
 
+    def decode_rows(self) -> tuple[Any, torch.Tensor | None] | None:
+        """(QuantizedRows, input permutation or None) when this layer's fp32 CPU decode runs on qwen.kernels.
+
+        None until the layer has been prepared for fp32 CPU inputs (its first forward does that).
+        Used by the fused decode step (qwen/kernels/decode.py), which calls the same kernel.
+        """
+        if self._prepared_for != ("cpu", None, torch.float32, self._requested_kernel):
+            return None
+        rows = self._runtime.get("gemv")
+        return None if rows is None else (rows, self._runtime["gemv_perm"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.device.type, x.device.index, x.dtype, self._requested_kernel)
         if self._prepared_for != key:

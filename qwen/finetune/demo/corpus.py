@@ -603,10 +603,10 @@ def split_corpus(corpus: dict[str, list[str]], fraction: float, seed: int = 0, *
 
 
 def load_tang300(cache_dir: str | os.PathLike | None = None, *, progress: bool = False) -> list[Poem]:
-    """The 313 poems of tang300, from the cached corpus if present, else from the fortune file
-    (fetched into ``cache_dir`` if needed)."""
-    if cache_dir is not None:
-        return parse_tang300(gather_corpus(cache_dir, progress=progress, sources=["tang300"])["tang300"])
-    if (FORTUNES_DIR / "tang300").is_file():
+    """The 313 poems of tang300: from the installed fortune file, else through :func:`gather_corpus`
+    (which fetches the fortunes-zh package into ``cache_dir``, default ``$QWEN_CACHE_DIR/demo-corpus``)."""
+    if cache_dir is None and (FORTUNES_DIR / "tang300").is_file():
         return parse_tang300((FORTUNES_DIR / "tang300").read_text(encoding="utf-8"))
-    raise RuntimeError("tang300 not found: install the Debian package fortunes-zh, or pass cache_dir")
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("QWEN_CACHE_DIR", Path.home() / ".cache" / "qwen")) / "demo-corpus"
+    return parse_tang300(gather_corpus(cache_dir, progress=progress, sources=["tang300"])["tang300"])
