@@ -1,11 +1,13 @@
-"""CPU inference: linear layers with weights pre-packed for oneDNN.
+"""CPU inference: linear layers prepared for the CPU's fastest kernels (``PackedLinear``).
 
 Batch-1 decode on a CPU streams every weight once per token, so its speed is the speed at which
-the matrix-vector products read memory. On our 2-core x86 machines MKL's gemv over PyTorch's
-[out, in] weights reads about 16 GB/s, while oneDNN with weights reordered once into its blocked
-layout reads about 25 GB/s (the plain streaming read rate is about 31 GB/s); prefill GEMMs get
-1.5-2x faster too (measurements in docs/benchmarks.md). The reorder is lossless: ``unpack`` and
-``state_dict`` give back the exact original weights.
+the matrix-vector products read memory. MKL's gemv over PyTorch's [out, in] weights reads about
+14-16 GB/s on our 2-core machines; oneDNN with weights reordered into its blocked layout 17-25 GB/s;
+qwen.kernels' gemv on the plain [out, in] weights 21-24 GB/s (AMD Zen 3, AVX2). Where those kernels
+build, a PackedLinear therefore keeps the plain weight, runs decode through them (and lets the fused
+decode step read it), and runs prefill GEMMs through oneDNN on the same weight, which is as fast as
+on its packed copy; elsewhere it holds the oneDNN-packed weight (measurements in docs/benchmarks.md).
+Either way ``unpack`` and ``state_dict`` give back the exact original weights.
 
 Packing is an inference-time transform. A packed model cannot be trained, moved to another
 device, or wrapped by peft; ``unpack_linear_layers`` restores plain nn.Linear modules.
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 _OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_KERNEL_ROWS = 4  # inputs up to this many rows run qwen.kernels' gemv (qwen.kernels.MAX_ROWS)
 
 
 def packing_supported(dtype: torch.dtype = torch.float32) -> bool:
@@ -26,22 +29,37 @@ def packing_supported(dtype: torch.dtype = torch.float32) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's packed layout (CPU, inference only)."""
+    """y = x W^T + b for CPU inference, with W in the layout its kernels read fastest.
+
+    With qwen.kernels available (x86-64 with AVX2 or AVX-512), W stays in PyTorch's [out, in] order:
+    inputs of a few rows (decode) run our matrix-vector kernel, which streams it 20-35% faster than
+    oneDNN does its packed copy (2048x11008-class layers, measured on AMD Zen 3: 21.6-23.8 vs 17.2-21.6
+    GB/s), and the fused decode step (qwen/kernels/decode.py) reads it by pointer; longer inputs run
+    oneDNN on the same dense weight, as fast as on the packed one there (108-131 GFLOP/s at 128 and
+    1024 rows). Without the kernels W is reordered once into oneDNN's blocked layout.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        from . import kernels
+
         w = linear.weight.detach()
         if w.device.type != "cpu":
             raise ValueError("PackedLinear packs CPU weights only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
         self.dtype = w.dtype
+        self.dense = w.dtype == torch.float32 and kernels.available()
+        if self.dense:
+            self.rows = w.contiguous()
+            self.packed = self.rows
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        """A dense copy of the weight (for inspection; the forward never materialises it)."""
-        return self.packed.to_dense()
+        """The dense weight (a copy when it is held packed; the forward never materialises it)."""
+        return self.rows if self.dense else self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -51,17 +69,21 @@ class PackedLinear(nn.Module):
             raise RuntimeError(f"PackedLinear holds {self.dtype} weights but got {x.dtype} input")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("packed linear layers are for inference; unpack them before training")
+        if self.dense and x.numel() <= _KERNEL_ROWS * self.in_features:
+            from .kernels import gemv_f32
+
+            return gemv_f32(x, self.rows, self.bias)
         return _OP(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         # Same keys as nn.Linear, so a packed model saves exactly like an unpacked one.
-        destination[prefix + "weight"] = self.packed.to_dense()
+        destination[prefix + "weight"] = self.weight
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def unpack(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.packed.to_dense())
+        linear.weight = nn.Parameter(self.rows if self.dense else self.packed.to_dense())
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear

@@ -135,3 +135,26 @@ def test_a_re_prepared_layer_rebuilds_the_step_and_copies_do_not_share_pointers(
     a, _ = _decode(model, prompt, 5, fused=True)
     b, _ = _decode(clone, prompt, 5, fused=True)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_decode_of_an_fp32_model_equals_the_module_path(packed: bool) -> None:
+    """Float blocks (plain nn.Linear, or PackedLinear holding the plain weight) take the fused step too."""
+    from qwen.cpu_pack import pack_linear_layers
+
+    cfg = QWenConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                     num_attention_heads=4, kv_channels=32, seq_length=16, use_logn_attn=True)
+    model = QWenLMHeadModel(cfg)
+    model.init_weights(seed=1)
+    model.eval().requires_grad_(False)
+    if packed:
+        pack_linear_layers(model)
+    prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    fused, fused_kv = _decode(model, prompt, 16, fused=True)
+    assert model.transformer._fused is not None
+    eager, eager_kv = _decode(model, prompt, 16, fused=False)
+    assert float((fused - eager).abs().max() / eager.abs().max()) < 1e-5
+    assert torch.equal(fused.argmax(-1), eager.argmax(-1))
+    for (kf, vf), (ke, ve) in zip(fused_kv, eager_kv):
+        torch.testing.assert_close(kf, ke, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vf, ve, atol=1e-5, rtol=1e-5)

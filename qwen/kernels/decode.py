@@ -1,6 +1,6 @@
 """One batch-1 decode step through every transformer block in a single C call.
 
-At batch 1 a Qwen-1.8B int8 step spends ~61 ms in the matrix-vector products and ~14 ms between them
+At batch 1 a Qwen-1.8B int8 step spent ~61 ms in the matrix-vector products and ~14 ms between them
 (~0.6 ms per block of Python, dispatch, allocations and small ops). ``qwen_decode_layers`` (gemv.cpp)
 runs the blocks' whole math (RMSNorm, the five quantized linears, RoPE, LogN, the KV-cache write,
 attention, SwiGLU, residuals) with the same kernels and no Python in between.
@@ -8,8 +8,8 @@ attention, SwiGLU, residuals) with the same kernels and no Python in between.
 :class:`FusedDecoder` describes a model's blocks to it once (pointers to codes, scales, norms) and is
 used by ``QWenModel.forward`` only where the result is the eager path's: eval mode, no autograd, fp32
 on the CPU, one sequence and one new token, a plain unpadded float ``KVCache``, every block linear a
-``QuantLinear`` running qwen.kernels' decode kernel or a plain fp32 ``nn.Linear`` (so no LoRA wrappers,
-no oneDNN-packed layers), no forward hooks. Anything else runs the module path. ``QWEN_FUSED_DECODE=0`` (or ``model.transformer.fused_decode = False``)
+``QuantLinear`` running qwen.kernels' decode kernel or an fp32 ``nn.Linear`` / ``PackedLinear`` with a
+plain [out, in] weight (so no LoRA wrappers), no forward hooks. Anything else runs the module path. ``QWEN_FUSED_DECODE=0`` (or ``model.transformer.fused_decode = False``)
 turns it off. Agreement with the module path is tested in tests/test_fused_decode.py.
 """
 
@@ -70,6 +70,7 @@ class FusedDecoder:
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecoder | None":
         """The decoder for ``model`` (a QWenModel), or None when its blocks are not all eligible."""
+        from ..cpu_pack import PackedLinear
         from ..model import QWenAttention, QWenBlock, QWenMLP, RMSNorm
         from ..quant.linear import QuantLinear
 
@@ -96,15 +97,17 @@ class FusedDecoder:
             for field, lin in (("c_attn", block.attn.c_attn), ("attn_proj", block.attn.c_proj), ("w1", block.mlp.w1),
                                ("w2", block.mlp.w2), ("mlp_proj", block.mlp.c_proj)):
                 desc = getattr(layers[i], field)
-                if type(lin) is nn.Linear:  # fp32 weights, row-major: qwen_gemv_f32
-                    w, b = lin.weight, lin.bias
+                dense = type(lin) is nn.Linear or (type(lin) is PackedLinear and lin.dense)
+                if dense:  # fp32 weights, row-major: qwen_gemv_f32
+                    attr = "weight" if type(lin) is nn.Linear else "rows"
+                    w, b = getattr(lin, attr), lin.bias
                     if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
                         return None
                     if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
                         return None
                     desc.codes, desc.bias = w.data_ptr(), None if b is None else b.data_ptr()
                     desc.N, desc.K, desc.G, desc.B, desc.bits = w.shape[0], w.shape[1], w.shape[1], w.shape[1], 32
-                    pointers += [(lin, "weight", w.data_ptr())] + ([] if b is None else [(lin, "bias", b.data_ptr())])
+                    pointers += [(lin, attr, w.data_ptr())] + ([] if b is None else [(lin, "bias", b.data_ptr())])
                     watched.append((lin, None))
                     continue
                 if type(lin) is not QuantLinear:
