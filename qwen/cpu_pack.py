@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
+
 _OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-_KERNEL_ROWS = 4  # inputs up to this many rows run qwen.kernels' gemv (qwen.kernels.MAX_ROWS)
 
 
 def packing_supported(dtype: torch.dtype = torch.float32) -> bool:
@@ -41,25 +42,21 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        from . import kernels
-
         w = linear.weight.detach()
         if w.device.type != "cpu":
             raise ValueError("PackedLinear packs CPU weights only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = w.dtype
+        # What oneDNN is handed: the plain weight when our kernels also read it, else its reordered copy.
         self.dense = w.dtype == torch.float32 and kernels.available()
-        if self.dense:
-            self.rows = w.contiguous()
-            self.packed = self.rows
-        else:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        w = w.contiguous()
+        self.packed = w if self.dense else torch.ops.mkldnn._reorder_linear_weight(w, 1)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight (a copy when it is held packed; the forward never materialises it)."""
-        return self.rows if self.dense else self.packed.to_dense()
+        return self.packed if self.dense else self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -69,10 +66,8 @@ class PackedLinear(nn.Module):
             raise RuntimeError(f"PackedLinear holds {self.dtype} weights but got {x.dtype} input")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("packed linear layers are for inference; unpack them before training")
-        if self.dense and x.numel() <= _KERNEL_ROWS * self.in_features:
-            from .kernels import gemv_f32
-
-            return gemv_f32(x, self.rows, self.bias)
+        if self.dense and x.numel() <= kernels.MAX_ROWS * self.in_features:
+            return kernels.gemv_f32(x, self.packed, self.bias)
         return _OP(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -83,7 +78,7 @@ class PackedLinear(nn.Module):
 
     def unpack(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.rows if self.dense else self.packed.to_dense())
+        linear.weight = nn.Parameter(self.weight)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear

@@ -16,6 +16,11 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+def cache_dir() -> Path:
+    """Root of what qwen builds or fetches for itself: ``$QWEN_CACHE_DIR``, default ``~/.cache/qwen``."""
+    return Path(os.environ.get("QWEN_CACHE_DIR", Path.home() / ".cache" / "qwen"))
+
+
 def demo_model_available() -> bool:
     return (DEMO_MODEL_DIR / "config.json").exists()
 

@@ -182,7 +182,7 @@ class QWenModel(nn.Module):
         self.h = nn.ModuleList(QWenBlock(config) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
-        self.fused_decode = True  # batch-1 CPU decode of quantized models in one C call (qwen/kernels/decode.py)
+        self.fused_decode = True  # batch-1 fp32 CPU decode in one C call where it applies (qwen/kernels/decode.py)
         self._fused: Any = None
 
     def forward(

@@ -23,9 +23,9 @@ LOGIT_TOL = 2e-4  # max |difference| / max |logit| over all decode steps
 
 def _quantized_model(bits: int, group: int, act_order: bool = False, rotary_pct: float = 1.0,
                      seq_length: int = 16) -> QWenLMHeadModel:
+    from qwen.quant.bench import _permute_groups
     from qwen.quant.gptq import quantize_model_rtn
-    from qwen.quant.layout import GPTQConfig, pack_rows, unpack_rows
-    from qwen.quant.linear import quant_linear_layers
+    from qwen.quant.layout import GPTQConfig
 
     cfg = QWenConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                      num_attention_heads=4, kv_channels=32, seq_length=seq_length, rotary_pct=rotary_pct,
@@ -35,11 +35,7 @@ def _quantized_model(bits: int, group: int, act_order: bool = False, rotary_pct:
     model.eval().requires_grad_(False)
     quantize_model_rtn(model, GPTQConfig(bits=bits, group_size=group), progress=False)
     if act_order:  # act-order g_idx (a permutation of the inputs), as GPTQ's desc_act writes
-        gen = torch.Generator().manual_seed(0)
-        for _, layer in quant_linear_layers(model):
-            perm = torch.randperm(layer.in_features, generator=gen)
-            layer.qweight.copy_(pack_rows(unpack_rows(layer.qweight, layer.bits)[perm], layer.bits))
-            layer.g_idx.copy_(layer.g_idx[perm])
+        _permute_groups(model)
     return model
 
 

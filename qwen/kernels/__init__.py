@@ -40,7 +40,9 @@ MAX_ROWS = 4  # activation rows (tokens) the kernels are meant for; beyond, GEMM
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("QWEN_CACHE_DIR", Path.home() / ".cache" / "qwen")) / "kernels"
+    from ..hub import cache_dir
+
+    return cache_dir() / "kernels"
 
 
 def _cpu_flags() -> str:

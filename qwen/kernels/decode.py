@@ -99,7 +99,7 @@ class FusedDecoder:
                 desc = getattr(layers[i], field)
                 dense = type(lin) is nn.Linear or (type(lin) is PackedLinear and lin.dense)
                 if dense:  # fp32 weights, row-major: qwen_gemv_f32
-                    attr = "weight" if type(lin) is nn.Linear else "rows"
+                    attr = "weight" if type(lin) is nn.Linear else "packed"
                     w, b = getattr(lin, attr), lin.bias
                     if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
                         return None

@@ -90,25 +90,6 @@ inline void f32_tile(const float* x, int64_t ldx, const float* w, int64_t K, flo
         for (int m = 0; m < MB; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int MB>
-void f32_band(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t K,
-              int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi;) {
-        if (hi - n >= 4) {
-            float out[4][MB];
-            f32_tile<4, MB>(x, K, w + n * K, K, out);
-            for (int r = 0; r < 4; ++r)
-                for (int m = 0; m < MB; ++m) y[m * N + n + r] = out[r][m] + (bias ? bias[n + r] : 0.f);
-            n += 4;
-        } else {
-            float out[1][MB];
-            f32_tile<1, MB>(x, K, w + n * K, K, out);
-            for (int m = 0; m < MB; ++m) y[m * N + n] = out[0][m] + (bias ? bias[n] : 0.f);
-            n += 1;
-        }
-    }
-}
-
 // ------------------------------------------------------------------------- int8 / int4
 // Activations arrive as int16 (x = sx * xi, |xi| <= 32767, one sx per activation row: relative
 // error <= 1.5e-5 of the row's largest value, far below bf16's 4e-3). Codes are widened to int16
@@ -155,49 +136,14 @@ inline void quant_block(const int16_t* x, int64_t ldx, const uint8_t* codes, int
     }
 }
 
-// y = sx * (sum_g scale_g * dot_g(codes, xi) - sum_g (scale*zero)_g * sum_g(xi)) + bias
-template <int R, int MB, int BITS>
-inline void quant_tile(const int16_t* x, const float* xscale, const float* xisum, int64_t N, int64_t K, int64_t G,
-                       int64_t B, const uint8_t* codes, const float* scale, const float* szero, const float* bias,
-                       float* y, int64_t n) {
-    const int64_t groups = K / G, row_bytes = BITS == 8 ? K : K / 2;
-    __m512 total[R][MB];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MB; ++m) total[r][m] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < K; k0 += B) {
-        const int64_t g = k0 / G;
-        __m512i acc[R][MB];
-        const uint8_t* c = codes + n * row_bytes + (k0 / (BITS == 8 ? 32 : 64)) * (R * 32);
-        quant_block<R, MB, BITS>(x + k0, K, c, B, acc);
-        for (int r = 0; r < R; ++r) {
-            __m512 s = _mm512_set1_ps(scale[(n + r) * groups + g]);
-            for (int m = 0; m < MB; ++m) total[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m]), s, total[r][m]);
-        }
-    }
-    for (int r = 0; r < R; ++r) {
-        const float* sz = szero + (n + r) * groups;
-        for (int m = 0; m < MB; ++m) {
-            float zero_term = 0.f;
-            for (int64_t g = 0; g < groups; ++g) zero_term += sz[g] * xisum[m * groups + g];
-            y[m * N + n + r] = xscale[m] * (_mm512_reduce_add_ps(total[r][m]) - zero_term) + (bias ? bias[n + r] : 0.f);
-        }
-    }
+// Register types and the few float ops the shared tile code (below) needs.
+using VecF = __m512;
+using VecI = __m512i;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vscaled_add(VecI sums, float scale, VecF total) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale), total);
 }
-
-template <int MB, int BITS>
-void quant_band(const int16_t* x, const float* xscale, const float* xisum, int64_t N, int64_t K, int64_t G, int64_t B,
-                const uint8_t* codes, const float* scale, const float* szero, const float* bias, float* y, int64_t lo,
-                int64_t hi) {
-    for (int64_t n = lo; n < hi;) {
-        if (hi - n >= 4) {
-            quant_tile<4, MB, BITS>(x, xscale, xisum, N, K, G, B, codes, scale, szero, bias, y, n);
-            n += 4;
-        } else {
-            quant_tile<1, MB, BITS>(x, xscale, xisum, N, K, G, B, codes, scale, szero, bias, y, n);
-            n += 1;
-        }
-    }
-}
+inline float vsum(VecF v) { return _mm512_reduce_add_ps(v); }
 
 #elif QWEN_SIMD == 256
 // AVX2 + FMA (x86-64-v3, e.g. AMD Zen 2/3): the same loops on 256-bit registers. vpmaddwd multiplies
@@ -231,25 +177,6 @@ inline void f32_tile(const float* x, int64_t ldx, const float* w, int64_t K, flo
             for (int64_t j = k; j < K; ++j) s += w[r * K + j] * x[m * ldx + j];
             out[r][m] = s;
         }
-}
-
-template <int MB>
-void f32_band(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t K,
-              int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi;) {
-        if (hi - n >= 4) {
-            float out[4][MB];
-            f32_tile<4, MB>(x, K, w + n * K, K, out);
-            for (int r = 0; r < 4; ++r)
-                for (int m = 0; m < MB; ++m) y[m * N + n + r] = out[r][m] + (bias ? bias[n + r] : 0.f);
-            n += 4;
-        } else {
-            float out[1][MB];
-            f32_tile<1, MB>(x, K, w + n * K, K, out);
-            for (int m = 0; m < MB; ++m) y[m * N + n] = out[0][m] + (bias ? bias[n] : 0.f);
-            n += 1;
-        }
-    }
 }
 
 inline __m256i widen16(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)); }
@@ -297,30 +224,60 @@ inline void quant_block(const int16_t* x, int64_t ldx, const uint8_t* codes, int
     }
 }
 
+using VecF = __m256;
+using VecI = __m256i;
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vscaled_add(VecI sums, float scale, VecF total) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), total);
+}
+inline float vsum(VecF v) { return hsum256(v); }
+
+#endif
+
+#if QWEN_SIMD
+// ---------------------------------------------------- shared by the AVX-512 and AVX2 paths
+template <int MB>
+void f32_band(const float* x, const float* w, const float* bias, float* y, int64_t N, int64_t K,
+              int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi;) {
+        if (hi - n >= 4) {
+            float out[4][MB];
+            f32_tile<4, MB>(x, K, w + n * K, K, out);
+            for (int r = 0; r < 4; ++r)
+                for (int m = 0; m < MB; ++m) y[m * N + n + r] = out[r][m] + (bias ? bias[n + r] : 0.f);
+            n += 4;
+        } else {
+            float out[1][MB];
+            f32_tile<1, MB>(x, K, w + n * K, K, out);
+            for (int m = 0; m < MB; ++m) y[m * N + n] = out[0][m] + (bias ? bias[n] : 0.f);
+            n += 1;
+        }
+    }
+}
+
+// y = sx * (sum_g scale_g * dot_g(codes, xi) - sum_g (scale*zero)_g * sum_g(xi)) + bias
 template <int R, int MB, int BITS>
 inline void quant_tile(const int16_t* x, const float* xscale, const float* xisum, int64_t N, int64_t K, int64_t G,
                        int64_t B, const uint8_t* codes, const float* scale, const float* szero, const float* bias,
                        float* y, int64_t n) {
     const int64_t groups = K / G, row_bytes = BITS == 8 ? K : K / 2;
-    __m256 total[R][MB];
+    VecF total[R][MB];
     for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MB; ++m) total[r][m] = _mm256_setzero_ps();
+        for (int m = 0; m < MB; ++m) total[r][m] = vzero();
     for (int64_t k0 = 0; k0 < K; k0 += B) {
         const int64_t g = k0 / G;
-        __m256i acc[R][MB];
+        VecI acc[R][MB];
         const uint8_t* c = codes + n * row_bytes + (k0 / (BITS == 8 ? 32 : 64)) * (R * 32);
         quant_block<R, MB, BITS>(x + k0, K, c, B, acc);
-        for (int r = 0; r < R; ++r) {
-            __m256 s = _mm256_set1_ps(scale[(n + r) * groups + g]);
-            for (int m = 0; m < MB; ++m) total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), s, total[r][m]);
-        }
+        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < MB; ++m) total[r][m] = vscaled_add(acc[r][m], scale[(n + r) * groups + g], total[r][m]);
     }
     for (int r = 0; r < R; ++r) {
         const float* sz = szero + (n + r) * groups;
         for (int m = 0; m < MB; ++m) {
             float zero_term = 0.f;
             for (int64_t g = 0; g < groups; ++g) zero_term += sz[g] * xisum[m * groups + g];
-            y[m * N + n + r] = xscale[m] * (hsum256(total[r][m]) - zero_term) + (bias ? bias[n + r] : 0.f);
+            y[m * N + n + r] = xscale[m] * (vsum(total[r][m]) - zero_term) + (bias ? bias[n + r] : 0.f);
         }
     }
 }

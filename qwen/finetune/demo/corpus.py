@@ -608,5 +608,7 @@ def load_tang300(cache_dir: str | os.PathLike | None = None, *, progress: bool =
     if cache_dir is None and (FORTUNES_DIR / "tang300").is_file():
         return parse_tang300((FORTUNES_DIR / "tang300").read_text(encoding="utf-8"))
     if cache_dir is None:
-        cache_dir = Path(os.environ.get("QWEN_CACHE_DIR", Path.home() / ".cache" / "qwen")) / "demo-corpus"
+        from ...hub import cache_dir as qwen_cache_dir
+
+        cache_dir = qwen_cache_dir() / "demo-corpus"
     return parse_tang300(gather_corpus(cache_dir, progress=progress, sources=["tang300"])["tang300"])
