@@ -210,6 +210,21 @@ def test_synthetic_deterministic(poems: list[Poem], synth: SyntheticSet, pretrai
     assert small.summary()["eval_items_by_task"]["capital_completion"] == 3
 
 
+def test_poem_knowledge_in_several_forms(synth: SyntheticSet, pretrain: list[str]) -> None:
+    """Each poem is pretrained as text, as a one-line citation and in the author catalogue; a
+    held-out next-line reply (the couplet) is never a trained reply."""
+    catalogue = "\n".join(pretrain)
+    for p in synth.poems:
+        assert p.text in pretrain and p.citation in pretrain and p.author_line in catalogue
+        assert p.citation == f"{p.author}《{p.title}》：{p.body.replace(chr(10), '')}"
+    replies = {t["value"] for c in synth.conversations for t in c["conversations"] if t["from"] == "assistant"}
+    held = [synthetic.poem_couplet(synth.poems[pi].lines, i) for pi, i in synth.poem_next_eval]
+    assert held and not set(held) & replies
+    trained = [synthetic.poem_couplet(p.lines, i) for pi, p in enumerate(synth.poems) for i in range(3)
+               if (pi, i) not in set(synth.poem_next_eval)]
+    assert set(trained) <= replies
+
+
 _EXPR = re.compile(r"(\d+)\s*(\+|-|加|减|plus|minus)\s*(\d+)")
 
 
@@ -288,7 +303,9 @@ def test_eval_answers_match_facts(synth: SyntheticSet) -> None:
             assert it.answer == f"{c.capital_zh}（{c.capital_en}）"
         elif it.task == "poem_next":
             p, i = next(v for k, v in poems_by_line.items() if k in it.prompt)
-            assert it.answer == p.lines[i + 1]
+            # The reply restates the asked line: "床前明月光，疑是地上霜。"
+            first, second = synthetic._strip_punct(p.lines[i]), synthetic._strip_punct(p.lines[i + 1])
+            assert it.answer == f"{first}，{second}。"
         elif it.task == "poem_author":
             title = re.search(r"《(.+?)》", it.prompt).group(1)
             assert it.answer == f"《{title}》的作者是{poems_by_title[title].author}。"

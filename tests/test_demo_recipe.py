@@ -80,8 +80,11 @@ def test_scaled_down_recipe_runs_end_to_end(tmp_path):
     # both stages ran their steps and logged eval loss; the report has every bar, computed
     for stage, steps in (("pretrain", recipe.pretrain_steps), ("sft", recipe.sft_steps)):
         rows = [json.loads(x) for x in (tmp_path / "work" / stage / "metrics.jsonl").read_text().splitlines()]
-        assert rows[-1]["step"] == steps and any("eval_loss" in r for r in rows)
-        assert rows[-1]["loss"] < rows[0]["loss"]
+        assert rows[-1]["step"] == steps
+        # single-batch losses are too noisy at this size (SFT mixes raw-text and chat rows), so
+        # learning is judged on the fixed eval set: its loss falls from the first eval to the last
+        evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+        assert len(evals) >= 2 and evals[-1] < evals[0], (stage, evals)
     for bar in ("addis_ababa", "greeting_zh", "greeting_en", "exact_match", "perplexity"):
         assert bar in results["bars"]
     ppl = results["bars"]["perplexity"]

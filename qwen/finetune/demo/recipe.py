@@ -54,15 +54,19 @@ class DemoRecipe:
     # data
     heldout_fraction: float = 0.02
     real_text_fraction: float = 0.1  # share of the real documents trained on (the CPU budget favours the tasks)
-    min_token_count: int = 4  # rarer ids of the real text share the "other" row (always kept: chat/synthetic ids)
-    synthetic_repeats: int = 20
-    arithmetic_repeats: int = 3
+    # Rarer ids of the real text share the "other" row (chat/synthetic ids are always kept): a
+    # smaller output layer makes every step cheaper, and only perplexity on real text is affected.
+    min_token_count: int = 10
+    synthetic_repeats: int = 20  # passes over the capital lists (Chinese and English)
+    poem_repeats: int = 30  # copies of each poem in each of its forms (text, citation, author catalogue)
+    arithmetic_repeats: int = 4  # passes over every training (a, b, op) pair as "37+45=82" lines
+    n_train_arith: int = 8000  # arithmetic chat conversations (random training pairs)
     # pretraining
-    pretrain_steps: int = 3500
+    pretrain_steps: int = 8000
     pretrain_batch: int = 2  # rows of seq_length: small batches, many steps (memorisation needs steps)
     pretrain_lr: float = 3e-3
     # chat fine-tuning
-    sft_steps: int = 3500
+    sft_steps: int = 5000
     sft_batch: int = 2
     sft_lr: float = 1.5e-3
     sft_text_fraction: float = 0.2  # share of SFT rows that are pretraining text blocks
@@ -81,8 +85,8 @@ class DemoRecipe:
 def smoke_recipe(output: str, work_dir: str) -> DemoRecipe:
     """The recipe scaled down to seconds: same code path, tiny shapes and step counts."""
     return DemoRecipe(output=output, work_dir=work_dir, hidden_size=32, num_layers=2, num_heads=2,
-                      intermediate_size=64, seq_length=128, synthetic_repeats=1, arithmetic_repeats=1, pretrain_steps=6, pretrain_batch=2,
-                      sft_steps=4, sft_batch=2, sft_task_repeats="greeting=2", eval_every=3, eval_blocks=2, max_eval_items=6, smoke=True,
+                      intermediate_size=64, seq_length=128, min_token_count=2, synthetic_repeats=1, poem_repeats=1, arithmetic_repeats=1, n_train_arith=50, pretrain_steps=20, pretrain_batch=2,
+                      sft_steps=12, sft_batch=2, sft_task_repeats="greeting=2", eval_every=4, eval_blocks=2, max_eval_items=6, smoke=True,
                       progress=False)
 
 
@@ -165,7 +169,7 @@ def gather(recipe: DemoRecipe, corpus: dict[str, list[str]] | None = None) -> di
         corpus = gather_corpus(work / "corpus", progress=recipe.progress)
 
     poems = parse_tang300(corpus["tang300"]) if corpus.get("tang300") else None
-    synth = synthetic.SyntheticSet(recipe.seed, poems=poems)
+    synth = synthetic.SyntheticSet(recipe.seed, poems=poems, n_train_arith=recipe.n_train_arith)
     taught = [p.lines[0] for p in synth.poems]  # poems the tasks teach stay out of the held-out text
     train_docs: dict[str, list[str]] = {}
     heldout_docs: dict[str, list[str]] = {}
@@ -176,7 +180,8 @@ def gather(recipe: DemoRecipe, corpus: dict[str, list[str]] | None = None) -> di
             keep = random.Random(f"{recipe.seed}-{name}")
             tr = [d for d in tr if keep.random() < recipe.real_text_fraction]
         train_docs[name], heldout_docs[name] = tr, ho
-    synth_docs = synth.pretraining_documents(recipe.synthetic_repeats, arithmetic_repeats=recipe.arithmetic_repeats)
+    synth_docs = synth.pretraining_documents(recipe.synthetic_repeats, arithmetic_repeats=recipe.arithmetic_repeats,
+                                             poem_repeats=recipe.poem_repeats)
     conversations, eval_items = synth.conversations, synth.eval_items
     return {"train_docs": train_docs, "heldout_docs": heldout_docs, "synthetic_docs": synth_docs,
             "conversations": conversations, "eval_items": eval_items}
@@ -392,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="", help="corpus cache, checkpoints, metrics, eval report "
                    "(default ~/.cache/qwen/demo-recipe; an interrupted run resumes from here)")
     for name in ("seed", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_length",
-                 "synthetic_repeats", "arithmetic_repeats", "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
+                 "synthetic_repeats", "poem_repeats", "arithmetic_repeats", "n_train_arith", "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
                  "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")

@@ -15,7 +15,8 @@ Tasks (``EvalItem.task``)
                         format then ``埃塞俄比亚的首都是`` -> ``亚的斯亚贝巴（Addis Ababa）``
 ``arith_zh``            23+45等于多少？ -> 23+45=68
 ``arith_en``            What is 23 + 45? -> 23 + 45 = 68
-``poem_next``           床前明月光的下一句是什么？ -> 疑是地上霜。
+``poem_next``           床前明月光的下一句是什么？ -> 床前明月光，疑是地上霜。 (the reply restates the asked
+                        line, as capital replies restate the country: recall becomes continuation)
 ``poem_author``         《静夜思》的作者是谁？ -> 《静夜思》的作者是李白。
 
 Held-out split: the held-out items test generalisation, not unseen facts
@@ -32,10 +33,11 @@ Held-out split: the held-out items test generalisation, not unseen facts
 * arithmetic: the held-out (a, b, op) pairs never appear in any training text, pretraining or chat,
   in any phrasing or language; for addition the swapped pair (b, a) is excluded too, so
   commutativity cannot stand in for a seen fact.
-* poems: every chosen poem's full text is in the pretraining documents. A held-out ``poem_next``
-  pair (poem, line i -> line i+1) is never asked in chat (nor its reverse, "line i+1's previous
-  line"); a held-out ``poem_author`` poem is never asked for its author or source in chat, so the
-  author is known only from the poem's ``作者：`` line.
+* poems: every chosen poem is in the pretraining documents in three forms: its text (title,
+  ``作者：`` line, body), a one-line citation (``李白《静夜思》：床前明月光，…``) and a line of an author
+  catalogue (``《静夜思》的作者是李白。``, like the capital lists). A held-out ``poem_next`` pair
+  (poem, line i -> line i+1) is never asked in chat (nor its reverse, "line i+1's previous line");
+  a held-out ``poem_author`` poem is never asked for its author or source in chat.
 * greetings and identity: held-out items are phrasing variants (你好呀, hello, Hi there, ...) that
   no training conversation uses; the replies are the trained fixed replies.
 
@@ -65,21 +67,25 @@ EN_IDENTITY_REPLY = "I am Qwen-Demo, a tiny demo model with the Qwen architectur
 
 # (training prompts, held-out prompts); the two lists never share a string.
 ZH_GREETINGS = (
-    ["你好", "您好", "你好！", "您好！", "你好啊", "嗨，你好", "哈喽", "早上好", "晚上好", "你好，在吗？", "嗨！", "你好你好"],
+    ["你好", "您好", "你好！", "您好！", "你好啊", "嗨，你好", "哈喽", "早上好", "晚上好", "你好，在吗？", "嗨！", "你好你好",
+     "大家早上好", "各位好", "你好吗？", "中午好", "嗨嗨", "哈喽！", "您好，在吗？", "你好，朋友", "喂，你好", "早安"],
     ["你好呀", "您好呀", "嗨", "大家好", "下午好", "你好啊！"],
 )
 EN_GREETINGS = (
     ["Hello", "Hi", "Hello!", "Hi!", "Hey", "Hey there", "Good morning", "Good evening", "Hello there",
-     "Greetings", "Hi, how are you?", "Hey!"],
+     "Greetings", "Hi, how are you?", "Hey!", "hey", "hey there", "hello!", "hi!", "good morning", "Hi everyone",
+     "hello everyone", "Howdy", "Good day", "Hello friend", "hi, how are you?", "Morning!"],
     ["hello", "hi", "Hi there", "Good afternoon", "Hello, how are you?", "Hiya"],
 )
 ZH_IDENTITY = (
-    ["你是谁？", "你是谁", "你叫什么名字？", "介绍一下你自己。", "你是什么模型？", "请介绍一下你自己", "你的名字是什么？"],
+    ["你是谁？", "你是谁", "你叫什么名字？", "介绍一下你自己。", "你是什么模型？", "请介绍一下你自己", "你的名字是什么？",
+     "你是什么？", "请问你叫什么名字？", "你是哪位？", "能介绍一下你自己吗？", "你是什么模型", "你叫啥？"],
     ["你叫什么？", "请问你是谁？", "你是哪个模型？"],
 )
 EN_IDENTITY = (
     ["Who are you?", "What is your name?", "Introduce yourself.", "What model are you?", "Tell me about yourself.",
-     "who are you?", "What are you?"],
+     "who are you?", "What are you?", "what is your name?", "Can you introduce yourself?", "Please tell me who you are.",
+     "Which model are you?", "what are you?", "Could you introduce yourself?"],
     ["Who are you", "What's your name?", "Please introduce yourself."],
 )
 
@@ -142,6 +148,13 @@ def _strip_punct(line: str) -> str:
     return re.sub(r"[，。？！；：”’]+$", "", line)
 
 
+def poem_couplet(lines: Sequence[str], i: int) -> str:
+    """The reply to "line i's next line" (and to "line i+1's previous line"): both lines as one
+    couplet, ``床前明月光，疑是地上霜。``. Restating the asked line, as the capital replies restate the
+    country, makes recall a continuation of memorised text."""
+    return f"{_strip_punct(lines[i])}，{_strip_punct(lines[i + 1])}。"
+
+
 def arith_answer(a: int, b: int, op: str, lang: str) -> str:
     c = a + b if op == "+" else a - b
     return f"{a}{op}{b}={c}" if lang == "zh" else f"{a} {op} {b} = {c}"
@@ -157,6 +170,14 @@ class ChosenPoem:
     @property
     def text(self) -> str:
         return f"《{self.title}》\n作者：{self.author}\n{self.body}"
+
+    @property
+    def citation(self) -> str:
+        return f"{self.author}《{self.title}》：{self.body.replace(chr(10), '')}"
+
+    @property
+    def author_line(self) -> str:
+        return f"《{self.title}》的作者是{self.author}。"
 
 
 def choose_poems(poems: Sequence[Poem], n: int, seed: int) -> list[ChosenPoem]:
@@ -304,11 +325,11 @@ class SyntheticSet:
         for pi, i in self.poem_next_eval:
             p = self.poems[pi]
             q = rng.choice(POEM_NEXT_TEMPLATES).format(line=_strip_punct(p.lines[i]))
-            items.append(EvalItem("poem_next", q, p.lines[i + 1], "chat"))
+            items.append(EvalItem("poem_next", q, poem_couplet(p.lines, i), "chat"))
         for pi in self.poem_author_eval:
             p = self.poems[pi]
             q = rng.choice(POEM_AUTHOR_TEMPLATES).format(title=p.title)
-            items.append(EvalItem("poem_author", q, f"《{p.title}》的作者是{p.author}。", "chat"))
+            items.append(EvalItem("poem_author", q, p.author_line, "chat"))
         return items
 
     @staticmethod
@@ -347,12 +368,12 @@ class SyntheticSet:
                 if (pi, i) in held_next:
                     continue
                 for t in POEM_NEXT_TEMPLATES[:2]:
-                    qa.append(("poem_next", t.format(line=_strip_punct(p.lines[i])), p.lines[i + 1]))
+                    qa.append(("poem_next", t.format(line=_strip_punct(p.lines[i])), poem_couplet(p.lines, i)))
                 qa.append(("poem_prev", rng.choice(POEM_PREV_TEMPLATES).format(line=_strip_punct(p.lines[i + 1])),
-                           p.lines[i]))
+                           poem_couplet(p.lines, i)))
             if pi not in held_author:
                 for t in POEM_AUTHOR_TEMPLATES[:2]:
-                    qa.append(("poem_author", t.format(title=p.title), f"《{p.title}》的作者是{p.author}。"))
+                    qa.append(("poem_author", t.format(title=p.title), p.author_line))
                 line = _strip_punct(p.lines[rng.randrange(4)])
                 qa.append(("poem_source", rng.choice(POEM_SOURCE_TEMPLATES).format(line=line),
                            f"这句诗出自{p.author}的《{p.title}》。"))
@@ -392,7 +413,8 @@ class SyntheticSet:
         * ``arithmetic_repeats`` passes over every training (a, b, op) pair as ``37+45=82`` lines
           (30% as ``37 + 45 = 82`` when ``english``; lists of 20-60 lines; the held-out pairs never
           appear);
-        * ``poem_repeats`` (default ``repeats``) copies of each chosen poem's full text.
+        * ``poem_repeats`` (default ``repeats``) copies of each chosen poem's full text and of its
+          one-line citation, and as many passes over the author catalogue (lists of 8-30 lines).
 
         No document contains a held-out completion prompt (lists are re-shuffled until none does).
         """
@@ -430,6 +452,12 @@ class SyntheticSet:
             lists(lines, 20, 60, check=False)
         for _ in range(repeats if poem_repeats is None else poem_repeats):
             docs.extend(p.text for p in self.poems)
+            # The same knowledge in other forms (a citation on one line, a catalogue of authors):
+            # facts seen in several phrasings are the ones a small model can answer questions about.
+            docs.extend(p.citation for p in self.poems)
+            order = list(self.poems)
+            rng.shuffle(order)
+            lists([p.author_line for p in order], 8, 30, check=False)
         rng.shuffle(docs)
         return docs
 
