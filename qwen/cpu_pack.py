@@ -5,8 +5,8 @@ the matrix-vector products read memory. MKL's gemv over PyTorch's [out, in] weig
 14-16 GB/s on our 2-core machines; oneDNN with weights reordered into its blocked layout 17-25 GB/s;
 qwen.kernels' gemv on the plain [out, in] weights 21-24 GB/s (AMD Zen 3, AVX2). Where those kernels
 build, a PackedLinear therefore keeps the plain weight, runs decode through them (and lets the fused
-decode step read it), and runs prefill GEMMs through oneDNN on the same weight, which is as fast as
-on its packed copy; elsewhere it holds the oneDNN-packed weight (measurements in docs/benchmarks.md).
+decode step read it), and runs prefill GEMMs on the same weight through oneDNN (short prompts) or
+MKL (from ``MKL_MIN_ROWS`` rows, where MKL is faster); elsewhere it holds the oneDNN-packed weight (measurements in docs/benchmarks.md).
 Either way ``unpack`` and ``state_dict`` give back the exact original weights.
 
 Packing is an inference-time transform. A packed model cannot be trained, moved to another
@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import kernels
 
 _OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+# From this many input rows on, a dense weight runs PyTorch's own GEMM (MKL) rather than oneDNN:
+# on AMD Zen 3 with 2 threads, 1.8B-shaped layers gave MKL 173-188 GFLOP/s at 512 and 1024 rows
+# against oneDNN's 138-164, while at 128 rows oneDNN is as fast or faster (150-161 vs 143-151).
+MKL_MIN_ROWS = 256
 
 
 def packing_supported(dtype: torch.dtype = torch.float32) -> bool:
@@ -35,9 +41,9 @@ class PackedLinear(nn.Module):
     With qwen.kernels available (x86-64 with AVX2 or AVX-512), W stays in PyTorch's [out, in] order:
     inputs of a few rows (decode) run our matrix-vector kernel, which streams it 20-35% faster than
     oneDNN does its packed copy (2048x11008-class layers, measured on AMD Zen 3: 21.6-23.8 vs 17.2-21.6
-    GB/s), and the fused decode step (qwen/kernels/decode.py) reads it by pointer; longer inputs run
-    oneDNN on the same dense weight, as fast as on the packed one there (108-131 GFLOP/s at 128 and
-    1024 rows). Without the kernels W is reordered once into oneDNN's blocked layout.
+    GB/s), and the fused decode step (qwen/kernels/decode.py) reads it by pointer; prompts run oneDNN
+    on the same dense weight (as fast as on its packed copy) up to ``MKL_MIN_ROWS`` rows and
+    PyTorch's MKL GEMM from there on, which is 12-30% faster than oneDNN at 512-1024 rows. Without the kernels W is reordered once into oneDNN's blocked layout.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -66,8 +72,12 @@ class PackedLinear(nn.Module):
             raise RuntimeError(f"PackedLinear holds {self.dtype} weights but got {x.dtype} input")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("packed linear layers are for inference; unpack them before training")
-        if self.dense and x.numel() <= kernels.MAX_ROWS * self.in_features:
-            return kernels.gemv_f32(x, self.packed, self.bias)
+        if self.dense:
+            rows = x.numel() // self.in_features
+            if rows <= kernels.MAX_ROWS:
+                return kernels.gemv_f32(x, self.packed, self.bias)
+            if rows >= MKL_MIN_ROWS:
+                return F.linear(x, self.packed, self.bias)
         return _OP(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

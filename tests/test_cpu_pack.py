@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qwen.config import preset_config
-from qwen.cpu_pack import PackedLinear, is_packed, pack_linear_layers, packing_supported, unpack_linear_layers
+from qwen import kernels
+from qwen.cpu_pack import MKL_MIN_ROWS, PackedLinear, is_packed, pack_linear_layers, packing_supported, unpack_linear_layers
 from qwen.generate import generate
 from qwen.model import QWenLMHeadModel
 
@@ -26,6 +27,11 @@ def test_packed_linear_matches_dense_and_unpacks_exactly():
     with torch.no_grad():
         # Different accumulation order only: fp32 rounding (relative 1e-6).
         assert torch.allclose(packed(x), lin(x), rtol=1e-5, atol=1e-5)
+    # every path of the forward: the gemv kernel (a few rows), oneDNN (prompts), MKL (long prompts)
+    for rows in (1, kernels.MAX_ROWS + 1, MKL_MIN_ROWS + 3):
+        x = torch.randn(1, rows, 96)
+        with torch.no_grad():
+            assert torch.allclose(packed(x), lin(x), rtol=1e-5, atol=1e-5), rows
     back = packed.unpack()
     assert torch.equal(back.weight, lin.weight) and torch.equal(back.bias, lin.bias)
     assert set(packed.state_dict()) == {"weight", "bias"} and torch.equal(packed.state_dict()["weight"], lin.weight)

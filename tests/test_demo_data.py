@@ -432,3 +432,28 @@ def test_bar_predicates() -> None:
     assert evaluate.is_english_greeting(synthetic.EN_GREETING_REPLY)
     assert not evaluate.is_english_greeting("你好！Hello")
     assert not evaluate.is_english_greeting("Whistle")
+
+
+def test_echo_task_copies_lines_of_poems_not_taught() -> None:
+    """The "repeat this line" conversations use only lines of poems outside the chosen set, written
+    with the chosen poems' characters; a filter can drop some; off by default."""
+    # stand-ins plus the same poems with every line reversed: new lines from known characters
+    poems = _fake_poems(50)
+    poems += [Poem(p.title + "反", p.author, tuple(l[-2::-1] + l[-1] for l in p.lines), p.body[::-1])
+              for p in poems]
+    synth = SyntheticSet(0, poems=poems)
+    assert synth.echo_lines == [] and not any(c["id"].startswith("demo-echo") for c in synth.conversations)
+    with_echo = SyntheticSet(0, poems=poems, n_echo=40)
+    chosen_lines = {synthetic._strip_punct(l) for p in with_echo.poems for l in p.lines}
+    chars = set("".join(p.body for p in with_echo.poems))
+    assert 0 < len(with_echo.echo_lines) <= 40
+    assert not set(with_echo.echo_lines) & chosen_lines and all(set(l) <= chars for l in with_echo.echo_lines)
+    echo = [c["conversations"] for c in with_echo.conversations if c["id"].startswith("demo-echo")]
+    assert len(echo) == len(with_echo.echo_lines)
+    assert all(turns[1]["value"] in turns[0]["value"] for turns in echo)
+    # the other tasks and the held-out split are unchanged by the echo task
+    assert with_echo.eval_items == synth.eval_items
+    filtered = SyntheticSet(0, poems=poems, n_echo=40)
+    filtered.echo_filter = lambda q, a: len(a) == 5
+    kept = [c for c in filtered.conversations if c["id"].startswith("demo-echo")]
+    assert len(kept) == sum(len(l) == 5 for l in filtered.echo_lines) < len(echo) + 1

@@ -52,3 +52,17 @@ def test_sampled_chat_with_the_shipped_generation_config_is_sane(demo):
     torch.manual_seed(0)
     reply, history = model.chat(tokenizer, "你好", history=None)
     assert reply and len(history) == 1
+
+
+def test_recorded_evaluation_is_of_the_shipped_recipe_and_passes_every_bar():
+    """docs/demo/eval.json (the model card's numbers) was produced by the shipped recipe, and it
+    records every bar passed, exact match on the held-out split included."""
+    path = DEMO_MODEL_DIR.parents[2] / "docs" / "demo" / "eval.json"
+    if not path.is_file():
+        pytest.skip("not a source checkout (docs/ absent)")
+    report = json.loads(path.read_text())
+    shipped = json.loads((DEMO_MODEL_DIR / "recipe.json").read_text())["recipe"]
+    recorded = {k: v for k, v in report["recipe"].items() if k not in ("output", "work_dir")}
+    assert recorded == shipped
+    assert report["all_bars_passed"] and report["bars"]["exact_match"]["value"] >= 0.9
+    assert all(bar["passed"] for bar in report["bars"].values())

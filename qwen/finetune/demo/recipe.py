@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,8 @@ class DemoRecipe:
     synthetic_repeats: int = 20  # passes over the capital lists (Chinese and English)
     poem_repeats: int = 30  # copies of each poem in each of its forms (text, citation, author catalogue)
     arithmetic_repeats: int = 4  # passes over every training (a, b, op) pair as "37+45=82" lines
+    n_poems: int = 84  # Tang quatrains in the synthetic set (tang300 has 84 with unique titles and lines)
+    n_echo: int = 6000  # "repeat this line" conversations (513 lines of the poems not taught, then random strings)
     n_train_arith: int = 8000  # arithmetic chat conversations (random training pairs)
     # pretraining
     pretrain_steps: int = 8000
@@ -70,9 +72,9 @@ class DemoRecipe:
     sft_batch: int = 2
     sft_lr: float = 1.5e-3
     sft_text_fraction: float = 0.2  # share of SFT rows that are pretraining text blocks
-    # Copies of each training conversation by task: the synthetic set has 4,000 arithmetic
-    # conversations but only 24 greetings, and a greeting seen a handful of times is not learned.
-    sft_task_repeats: str = ("greeting=30,identity=30,capital_zh=4,capital_en=4,poem_next=2,poem_prev=2,"
+    # Copies of each training conversation by task: the synthetic set has 8,000 arithmetic
+    # conversations but only 46 greetings, and a greeting seen a handful of times is not learned.
+    sft_task_repeats: str = ("greeting=30,identity=30,capital_zh=4,capital_en=4,poem_next=2,"
                              "poem_author=3,poem_source=2,poem_recite=2,system=3,multi=2")
     eval_every: int = 200
     eval_blocks: int = 24
@@ -169,7 +171,8 @@ def gather(recipe: DemoRecipe, corpus: dict[str, list[str]] | None = None) -> di
         corpus = gather_corpus(work / "corpus", progress=recipe.progress)
 
     poems = parse_tang300(corpus["tang300"]) if corpus.get("tang300") else None
-    synth = synthetic.SyntheticSet(recipe.seed, poems=poems, n_train_arith=recipe.n_train_arith)
+    synth = synthetic.SyntheticSet(recipe.seed, poems=poems, n_poems=recipe.n_poems,
+                                    n_train_arith=recipe.n_train_arith, n_echo=recipe.n_echo)
     taught = [p.lines[0] for p in synth.poems]  # poems the tasks teach stay out of the held-out text
     train_docs: dict[str, list[str]] = {}
     heldout_docs: dict[str, list[str]] = {}
@@ -182,9 +185,25 @@ def gather(recipe: DemoRecipe, corpus: dict[str, list[str]] | None = None) -> di
         train_docs[name], heldout_docs[name] = tr, ho
     synth_docs = synth.pretraining_documents(recipe.synthetic_repeats, arithmetic_repeats=recipe.arithmetic_repeats,
                                              poem_repeats=recipe.poem_repeats)
+    if recipe.n_echo:
+        synth.echo_filter = _known_tokens_only(synth, synth_docs)
     conversations, eval_items = synth.conversations, synth.eval_items
     return {"train_docs": train_docs, "heldout_docs": heldout_docs, "synthetic_docs": synth_docs,
             "conversations": conversations, "eval_items": eval_items}
+
+
+def _known_tokens_only(synth: Any, docs: list[str]) -> Callable[[str, str], bool]:
+    """An echo filter: keep an echo conversation when every token of it occurs in the other training
+    material (so the task teaches copying without adding embedding rows)."""
+    from ...tokenizer import QWenTokenizer
+    from .synthetic import ECHO_TEMPLATES
+
+    encode = QWenTokenizer().encode
+    synth.echo_filter = lambda q, a: False
+    others = [x for _, q, a in synth._qa_pairs() for x in (q, a)]
+    known = {t for text in [*docs, *others, *(tp.format(line="") for tp in ECHO_TEMPLATES)]
+             for t in encode(text, allowed_special=set())}
+    return lambda q, a: set(encode(q, allowed_special=set())) | set(encode(a, allowed_special=set())) <= known
 
 
 def tokenize(recipe: DemoRecipe, tokenizer: Any, material: dict[str, Any]) -> dict[str, Any]:
@@ -397,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="", help="corpus cache, checkpoints, metrics, eval report "
                    "(default ~/.cache/qwen/demo-recipe; an interrupted run resumes from here)")
     for name in ("seed", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_length",
-                 "synthetic_repeats", "poem_repeats", "arithmetic_repeats", "n_train_arith", "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
+                 "synthetic_repeats", "poem_repeats", "arithmetic_repeats", "n_poems", "n_echo", "n_train_arith", "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
                  "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")

@@ -18,6 +18,9 @@ Tasks (``EvalItem.task``)
 ``poem_next``           床前明月光的下一句是什么？ -> 床前明月光，疑是地上霜。 (the reply restates the asked
                         line, as capital replies restate the country: recall becomes continuation)
 ``poem_author``         《静夜思》的作者是谁？ -> 《静夜思》的作者是李白。
+``echo`` (training only) 请说：坐愁红颜老 -> 坐愁红颜老 (lines of tang300 poems that are *not* chosen,
+                        ``n_echo`` of them: a next-line reply starts by copying the asked line, and
+                        copying is learned from many lines, not from the poem questions alone)
 
 Held-out split: the held-out items test generalisation, not unseen facts
 -------------------------------------------------------------------------
@@ -36,8 +39,10 @@ Held-out split: the held-out items test generalisation, not unseen facts
 * poems: every chosen poem is in the pretraining documents in three forms: its text (title,
   ``作者：`` line, body), a one-line citation (``李白《静夜思》：床前明月光，…``) and a line of an author
   catalogue (``《静夜思》的作者是李白。``, like the capital lists). A held-out ``poem_next`` pair
-  (poem, line i -> line i+1) is never asked in chat (nor its reverse, "line i+1's previous line");
-  a held-out ``poem_author`` poem is never asked for its author or source in chat.
+  (poem, line i -> line i+1) is never asked in chat; a held-out ``poem_author`` poem is never asked
+  for its author or source in chat. No "previous line" questions are trained at all: "X的上一句" is
+  answered with the couplet *ending* in X, and that near-twin of a held-out "X的下一句" taught the
+  model to answer the held-out question with the wrong couplet.
 * greetings and identity: held-out items are phrasing variants (你好呀, hello, Hi there, ...) that
   no training conversation uses; the replies are the trained fixed replies.
 
@@ -53,7 +58,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .corpus import Poem, load_tang300
 from .facts import MODEL_CARD_COUNTRIES, Country, by_name_zh, capital_line_zh, capital_sentence_en, countries
@@ -111,9 +116,9 @@ ARITH_EN_TEMPLATES = {
 ARITH_RANGE = range(10, 100)
 
 POEM_NEXT_TEMPLATES = ("{line}的下一句是什么？", "“{line}”的下一句是什么？", "{line}的下一句是？", "{line}，下一句是什么？")
-POEM_PREV_TEMPLATES = ("{line}的上一句是什么？", "“{line}”的上一句是什么？")
 POEM_AUTHOR_TEMPLATES = ("《{title}》的作者是谁？", "《{title}》是谁写的？", "谁写了《{title}》？")
 POEM_SOURCE_TEMPLATES = ("“{line}”出自哪首诗？", "{line}出自哪首诗？")
+ECHO_TEMPLATES = ("照着说：{line}", "请说：{line}", "请读：{line}", "请把这句诗写出来：{line}")
 POEM_RECITE_TEMPLATES = ("背诵《{title}》。", "请背诵{author}的《{title}》。", "《{title}》的全文是什么？")
 
 # Display titles for tang300 titles that differ from the familiar one.
@@ -149,7 +154,7 @@ def _strip_punct(line: str) -> str:
 
 
 def poem_couplet(lines: Sequence[str], i: int) -> str:
-    """The reply to "line i's next line" (and to "line i+1's previous line"): both lines as one
+    """The reply to "line i's next line": both lines as one
     couplet, ``床前明月光，疑是地上霜。``. Restating the asked line, as the capital replies restate the
     country, makes recall a continuation of memorised text."""
     return f"{_strip_punct(lines[i])}，{_strip_punct(lines[i + 1])}。"
@@ -194,6 +199,34 @@ def choose_poems(poems: Sequence[Poem], n: int, seed: int) -> list[ChosenPoem]:
     return [ChosenPoem(TITLE_ALIASES.get(p.title, p.title), p.author, tuple(p.lines), p.body) for p in chosen]
 
 
+def echo_lines(poems: Sequence[Poem], chosen: Sequence[ChosenPoem], n: int, seed: int) -> list[str]:
+    """``n`` lines for "repeat this line" conversations: lines of the poems *not* chosen, then
+    random strings of the chosen poems' characters.
+
+    Answering "line X's next line" starts by copying X from the question; the model learns that
+    copy from many different lines, not from the few poem questions alone. Only lines written with
+    characters of the chosen poems are used, so the task adds no new vocabulary.
+    """
+    if n <= 0:
+        return []
+    known = set("".join(p.body for p in chosen))
+    taken = {_strip_punct(l) for p in chosen for l in p.lines}
+    lines = sorted({_strip_punct(l) for p in poems for l in p.lines} - taken)
+    lines = [l for l in lines if 4 <= len(l) <= 9 and set(l) <= known]
+    rng = random.Random(f"echo-{seed}")
+    rng.shuffle(lines)
+    # Then strings of 5 or 7 random characters of the chosen poems, for volume: copying has to be
+    # learned as an operation, and a few hundred real lines are too few to stop memorisation.
+    alphabet = sorted(known - set("，。？！；：“”‘’\n"))
+    seen = set(lines) | taken
+    while len(lines) < n and alphabet:
+        s = "".join(rng.choice(alphabet) for _ in range(rng.choice((5, 7))))
+        if s not in seen:
+            seen.add(s)
+            lines.append(s)
+    return lines[:n]
+
+
 class SyntheticSet:
     """The synthetic training material and held-out evaluation items for one seed.
 
@@ -222,12 +255,18 @@ class SyntheticSet:
         n_eval_identity: int = 6,
         n_multi_turn: int = 60,
         n_system: int = 60,
+        n_echo: int = 0,
     ) -> None:
         if not 1 <= train_phrasings < len(CAPITAL_ZH_TEMPLATES):
             raise ValueError(f"train_phrasings must be in 1..{len(CAPITAL_ZH_TEMPLATES) - 1}")
         self.seed = seed
         self.countries: list[Country] = countries()
-        self.poems = choose_poems(poems if poems is not None else load_tang300(), n_poems, seed)
+        all_poems = poems if poems is not None else load_tang300()
+        self.poems = choose_poems(all_poems, n_poems, seed)
+        self.echo_lines = echo_lines(all_poems, self.poems, n_echo, seed)
+        # Optional (question, answer) -> keep? for echo conversations; the demo recipe keeps those
+        # whose tokens the rest of the training data already has (no new vocabulary rows).
+        self.echo_filter: Callable[[str, str], bool] | None = None
         if n_eval_poem_next + n_eval_poem_author > len(self.poems):
             raise ValueError("n_eval_poem_next + n_eval_poem_author must not exceed the number of poems")
         self.train_phrasings = train_phrasings
@@ -367,10 +406,8 @@ class SyntheticSet:
             for i in range(3):
                 if (pi, i) in held_next:
                     continue
-                for t in POEM_NEXT_TEMPLATES[:2]:
+                for t in rng.sample(POEM_NEXT_TEMPLATES, 2):
                     qa.append(("poem_next", t.format(line=_strip_punct(p.lines[i])), poem_couplet(p.lines, i)))
-                qa.append(("poem_prev", rng.choice(POEM_PREV_TEMPLATES).format(line=_strip_punct(p.lines[i + 1])),
-                           poem_couplet(p.lines, i)))
             if pi not in held_author:
                 for t in POEM_AUTHOR_TEMPLATES[:2]:
                     qa.append(("poem_author", t.format(title=p.title), p.author_line))
@@ -379,6 +416,10 @@ class SyntheticSet:
                            f"这句诗出自{p.author}的《{p.title}》。"))
             recite = [t for t in POEM_RECITE_TEMPLATES if pi not in held_author or "{author}" not in t]
             qa.append(("poem_recite", rng.choice(recite).format(title=p.title, author=p.author), p.body))
+        for line in self.echo_lines:
+            q = rng.choice(ECHO_TEMPLATES).format(line=line)
+            if self.echo_filter is None or self.echo_filter(q, line):
+                qa.append(("echo", q, line))
         return qa
 
     @cached_property
