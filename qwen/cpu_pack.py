@@ -6,7 +6,8 @@ the matrix-vector products read memory. MKL's gemv over PyTorch's [out, in] weig
 qwen.kernels' gemv on the plain [out, in] weights 21-24 GB/s (AMD Zen 3, AVX2). Where those kernels
 build, a PackedLinear therefore keeps the plain weight, runs decode through them (and lets the fused
 decode step read it), and runs prefill GEMMs on the same weight through oneDNN (short prompts) or
-MKL (from ``MKL_MIN_ROWS`` rows, where MKL is faster); elsewhere it holds the oneDNN-packed weight (measurements in docs/benchmarks.md).
+MKL (from ``MKL_MIN_ROWS`` rows, where MKL is faster); elsewhere it holds the oneDNN-packed weight
+(measurements in docs/benchmarks.md).
 Either way ``unpack`` and ``state_dict`` give back the exact original weights.
 
 Packing is an inference-time transform. A packed model cannot be trained, moved to another
@@ -43,7 +44,8 @@ class PackedLinear(nn.Module):
     oneDNN does its packed copy (2048x11008-class layers, measured on AMD Zen 3: 21.6-23.8 vs 17.2-21.6
     GB/s), and the fused decode step (qwen/kernels/decode.py) reads it by pointer; prompts run oneDNN
     on the same dense weight (as fast as on its packed copy) up to ``MKL_MIN_ROWS`` rows and
-    PyTorch's MKL GEMM from there on, which is 12-30% faster than oneDNN at 512-1024 rows. Without the kernels W is reordered once into oneDNN's blocked layout.
+    PyTorch's MKL GEMM from there on, which is 12-30% faster than oneDNN at 512-1024 rows. Without
+    the kernels W is reordered once into oneDNN's blocked layout.
     """
 
     def __init__(self, linear: nn.Linear) -> None:

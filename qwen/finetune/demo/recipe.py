@@ -61,7 +61,9 @@ class DemoRecipe:
     poem_repeats: int = 30  # copies of each poem in each of its forms (text, citation, author catalogue)
     arithmetic_repeats: int = 4  # passes over every training (a, b, op) pair as "37+45=82" lines
     n_poems: int = 84  # Tang quatrains in the synthetic set (tang300 has 84 with unique titles and lines)
-    n_echo: int = 6000  # "repeat this line" conversations (513 lines of the poems not taught, then random strings)
+    # "repeat this line" candidates: 513 lines of the poems not taught, then random strings; the
+    # ones with a token the rest of the data lacks are dropped (4,126 of 6,000 kept)
+    n_echo: int = 6000
     n_train_arith: int = 8000  # arithmetic chat conversations (random training pairs)
     # pretraining
     pretrain_steps: int = 8000
@@ -87,9 +89,10 @@ class DemoRecipe:
 def smoke_recipe(output: str, work_dir: str) -> DemoRecipe:
     """The recipe scaled down to seconds: same code path, tiny shapes and step counts."""
     return DemoRecipe(output=output, work_dir=work_dir, hidden_size=32, num_layers=2, num_heads=2,
-                      intermediate_size=64, seq_length=128, min_token_count=2, synthetic_repeats=1, poem_repeats=1, arithmetic_repeats=1, n_train_arith=50, pretrain_steps=20, pretrain_batch=2,
-                      sft_steps=12, sft_batch=2, sft_task_repeats="greeting=2", eval_every=4, eval_blocks=2, max_eval_items=6, smoke=True,
-                      progress=False)
+                      intermediate_size=64, seq_length=128, min_token_count=2, synthetic_repeats=1, poem_repeats=1,
+                      arithmetic_repeats=1, n_train_arith=50, pretrain_steps=20, pretrain_batch=2, sft_steps=12,
+                      sft_batch=2, sft_task_repeats="greeting=2", eval_every=4, eval_blocks=2, max_eval_items=6,
+                      smoke=True, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +202,7 @@ def _known_tokens_only(synth: Any, docs: list[str]) -> Callable[[str, str], bool
     from .synthetic import ECHO_TEMPLATES
 
     encode = QWenTokenizer().encode
-    synth.echo_filter = lambda q, a: False
-    others = [x for _, q, a in synth._qa_pairs() for x in (q, a)]
+    others = [x for task, q, a in synth._qa_pairs() if task != "echo" for x in (q, a)]
     known = {t for text in [*docs, *others, *(tp.format(line="") for tp in ECHO_TEMPLATES)]
              for t in encode(text, allowed_special=set())}
     return lambda q, a: set(encode(q, allowed_special=set())) | set(encode(a, allowed_special=set())) <= known
@@ -416,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="", help="corpus cache, checkpoints, metrics, eval report "
                    "(default ~/.cache/qwen/demo-recipe; an interrupted run resumes from here)")
     for name in ("seed", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_length",
-                 "synthetic_repeats", "poem_repeats", "arithmetic_repeats", "n_poems", "n_echo", "n_train_arith", "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
+                 "synthetic_repeats", "poem_repeats", "arithmetic_repeats", "n_poems", "n_echo", "n_train_arith",
+                 "min_token_count", "pretrain_steps", "pretrain_batch", "sft_steps", "sft_batch", "eval_every",
                  "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")

@@ -18,9 +18,10 @@ Tasks (``EvalItem.task``)
 ``poem_next``           床前明月光的下一句是什么？ -> 床前明月光，疑是地上霜。 (the reply restates the asked
                         line, as capital replies restate the country: recall becomes continuation)
 ``poem_author``         《静夜思》的作者是谁？ -> 《静夜思》的作者是李白。
-``echo`` (training only) 请说：坐愁红颜老 -> 坐愁红颜老 (lines of tang300 poems that are *not* chosen,
-                        ``n_echo`` of them: a next-line reply starts by copying the asked line, and
-                        copying is learned from many lines, not from the poem questions alone)
+``echo`` (training only) 请说：坐愁红颜老 -> 坐愁红颜老 (``n_echo`` lines of tang300 poems that are *not*
+                        chosen, then random strings of the chosen poems' characters: a next-line
+                        reply starts by copying the asked line, and copying is learned from many
+                        strings, not from the poem questions alone)
 
 Held-out split: the held-out items test generalisation, not unseen facts
 -------------------------------------------------------------------------
@@ -204,8 +205,9 @@ def echo_lines(poems: Sequence[Poem], chosen: Sequence[ChosenPoem], n: int, seed
     random strings of the chosen poems' characters.
 
     Answering "line X's next line" starts by copying X from the question; the model learns that
-    copy from many different lines, not from the few poem questions alone. Only lines written with
-    characters of the chosen poems are used, so the task adds no new vocabulary.
+    copy from many different lines, not from the few poem questions alone. Only characters of the
+    chosen poems are used; tokens can still differ (a BPE merge of two such characters), which is
+    what :attr:`SyntheticSet.echo_filter` is for.
     """
     if n <= 0:
         return []
