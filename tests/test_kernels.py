@@ -75,7 +75,7 @@ def test_quantized_rows_reject_unsupported_groups() -> None:
 @pytest.mark.parametrize("bits,group,act_order", [(4, 128, False), (4, 64, True), (4, -1, False), (8, 32, False),
                                                    (8, 128, True), (8, -1, False)])
 def test_quant_linear_decodes_through_the_gemv_kernel(bits: int, group: int, act_order: bool) -> None:
-    from qwen.quant.linear import QuantLinear, _has_vnni
+    from qwen.quant.linear import QuantLinear
 
     n, k = 64, 256
     g = k if group == -1 else group
@@ -96,11 +96,67 @@ def test_quant_linear_decodes_through_the_gemv_kernel(bits: int, group: int, act
         ref = ref_layer(x)
         assert ref_layer.decode_kernel is None  # a forced kernel is used as asked
         assert float((y - ref).norm() / ref.norm()) < 1e-4
-        # More tokens than the decode kernel takes: the main kernel runs (bf16 tinygemm / 8-bit fbgemm).
-        # fbgemm rounds activations to 8 bits, to 7 (reduce_range) on CPUs without VNNI: twice the error.
-        x_long = torch.randn(1, 9, k, generator=gen)
-        tol = 2e-2 if bits == 4 or _has_vnni() else 4e-2
+        assert layer.kernel == "qwen-kernels"
+        # Server-sized batches (9 rows) stay on the int16 kernel; prefill-sized ones (40 rows) run the
+        # dequantized panels: bf16 rounding (2^-9 per element) on CPUs with native bf16, exact in fp32.
+        x_batch = torch.randn(1, 9, k, generator=gen)
+        assert float((layer(x_batch) - ref_layer(x_batch)).norm() / ref_layer(x_batch).norm()) < 1e-4
+        x_long = torch.randn(1, max(40, kernels.panel_min_rows()), k, generator=gen)
+        tol = 1e-2 if kernels.prefill_dtype() == torch.bfloat16 else 1e-5
         assert float((layer(x_long) - ref_layer(x_long)).norm() / ref_layer(x_long).norm()) < tol
+    # Only our kernel's copy of the codes is held; qweight is rebuilt from it, bit for bit.
+    assert layer.qweight.numel() == 0 and torch.equal(layer.state_dict()["qweight"], ref_layer.qweight)
+
+
+@pytest.mark.parametrize("bits,group,n", [(8, 32, 64), (8, 128, 70), (4, 64, 64), (4, 128, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_panels_equal_the_dequantized_matmul(bits: int, group: int, n: int, dtype: torch.dtype,
+                                                     monkeypatch) -> None:
+    """dense() rebuilds the exact weight (bf16: rounded once); matmul() over panels, the whole layer at once
+    or a few rows at a time (N % 4 != 0 included), equals x @ W^T in fp32 and within bf16 rounding in bf16."""
+    k = 256
+    codes, scales, zeros = _quantized(n, k, bits, group, seed=bits * n)
+    bias = torch.randn(n)
+    rows = kernels.QuantizedRows(codes, scales, zeros, bits, bias)
+    s = scales.float().repeat_interleave(group, dim=1)
+    # The kernel's form of s * (code - zero): s * code - (s * zero), one fp32 rounding apart from the other.
+    w = s * codes.float() - (s * zeros.float().repeat_interleave(group, dim=1))
+    torch.testing.assert_close(w, (codes.float() - zeros.float().repeat_interleave(group, dim=1)) * s,
+                               rtol=0, atol=1e-6 * float(w.abs().max()))
+    dense = rows.dense()
+    torch.testing.assert_close(dense, w, rtol=0, atol=1e-6 * float(w.abs().max()))  # the compiler may fuse an FMA
+    assert torch.equal(rows.dense(0, n, torch.bfloat16), dense.bfloat16())  # round to nearest even, as torch
+    assert torch.equal(rows.dense(8, n), dense[8:])
+    assert torch.equal(rows.code_matrix(), codes.to(torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        rows.dense(2, 10)
+    x = torch.randn(4, 37, k, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ w.double().T + bias.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for panel in (kernels.PANEL_ELEMENTS, 8 * k):  # one GEMM; panels of 8 rows
+        monkeypatch.setattr(kernels, "PANEL_ELEMENTS", panel)
+        y = rows.matmul(x, dtype)
+        assert y.shape == (4, 37, n) and y.dtype == torch.float32
+        assert float((y - ref).norm() / ref.norm()) < tol, panel
+    monkeypatch.setenv("QWEN_PREFILL_DTYPE", "fp32" if dtype == torch.float32 else "bf16")
+    assert kernels.prefill_dtype() == dtype
+    assert float((rows(x) - ref).norm() / ref.norm()) < tol  # 148 rows: __call__ takes the panels
+
+
+def test_prefill_panels_ignore_outlier_channels() -> None:
+    """Per-element (bf16) or no (fp32) activation rounding: three 100x input channels leave the relative
+    error where it was, unlike a per-tensor 8-bit grid (fbgemm), whose error grows with the outliers."""
+    n, k = 64, 256
+    codes, scales, zeros = _quantized(n, k, 8, 128, seed=5)
+    rows = kernels.QuantizedRows(codes, scales, zeros, 8)
+    w = rows.dense().double()
+    x = torch.randn(48, k, generator=torch.Generator().manual_seed(2))
+    x[:, [3, 100, 200]] *= 100
+    ref = x.double() @ w.T
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        assert float((rows.matmul(x, dtype) - ref).norm() / ref.norm()) < tol
+    y_gemv = rows(x[:4])  # int16 per row: the outliers set the scale, the rest keeps ~300 levels
+    assert float((y_gemv - ref[:4]).norm() / ref[:4].norm()) < 1e-3
 
 
 def test_int8_lm_head_is_close_to_the_float_head_and_refuses_to_be_saved(tmp_path) -> None:
@@ -115,7 +171,7 @@ def test_int8_lm_head_is_close_to_the_float_head_and_refuses_to_be_saved(tmp_pat
     ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full_ref = ref(ids).logits
-        full = model(ids).logits  # 12 rows: the dequantized-slices path
+        full = model(ids).logits  # 12 rows: the fp32 panel path
         last = model(ids, logits_to_keep=1).logits  # 1 row: the int8 decode kernel
     rel = float((full - full_ref).norm() / full_ref.norm())
     # Gaussian weights: step = max|w|/127 ~ 2.5 sigma/127 per group, error std = step/sqrt(12) ~ 0.6% of sigma

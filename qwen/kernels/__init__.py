@@ -20,6 +20,7 @@ PyTorch's kernels.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -37,6 +38,9 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 MAX_ROWS = 4  # activation rows (tokens) the kernels are meant for; beyond, GEMM libraries win
+# Prefill rebuilds at most this many weight elements at once (16M: 32 MB of bf16): whole layers up
+# to Qwen-7B's MLP, so the GEMM runs once per layer (panels of a layer are ~25% slower, measured).
+PANEL_ELEMENTS = 1 << 24
 
 
 def _cache_dir() -> Path:
@@ -92,6 +96,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qwen_kernels_simd.restype = c_int
     lib.qwen_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
     lib.qwen_quantize_activations.restype = None
+    lib.qwen_dequantize_rows.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, c_int, c_int]
+    lib.qwen_dequantize_rows.restype = None
     f32 = ctypes.c_float
     lib.qwen_decode_layers.argtypes = [p, p, p, i64, p, i64, i64, i64, i64, i64, i64, p, p, f32, f32, c_int]
     lib.qwen_decode_layers.restype = None
@@ -129,6 +135,32 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+@functools.lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    flags = _cpu_flags().split()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def prefill_dtype() -> torch.dtype:
+    """bf16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16: oneDNN runs such GEMMs 4-5x
+    faster than fp32 ones on a Sapphire Rapids Xeon), else fp32. ``QWEN_PREFILL_DTYPE=fp32|bf16`` overrides."""
+    forced = os.environ.get("QWEN_PREFILL_DTYPE", "").lower()
+    if forced in ("fp32", "float32"):
+        return torch.float32
+    if forced in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if forced:
+        raise ValueError(f"QWEN_PREFILL_DTYPE must be fp32 or bf16, not {forced!r}")
+    return torch.bfloat16 if _native_bf16() else torch.float32
+
+
+def panel_min_rows() -> int:
+    """Rows from which ``QuantizedRows.matmul`` beats the int16 kernel (which re-reads the weights every 4
+    rows but stays at ~170 GFLOP/s on 2 Xeon cores): 32 with bf16 GEMMs, 128 with fp32 ones (measured on
+    Qwen-1.8B layer shapes; docs/quantization.md)."""
+    return 32 if prefill_dtype() == torch.bfloat16 else 128
+
+
 def available() -> bool:
     return library() is not None
 
@@ -136,6 +168,21 @@ def available() -> bool:
 def why_unavailable() -> str | None:
     library()
     return _failed
+
+
+_scratch = threading.local()
+
+
+def _panel_buffer(elements: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor of at least ``elements`` reused across calls: a fresh 32 MB tensor per
+    layer costs its page faults every time (measured: dense() ran at 1-3 instead of 5-6 G elements/s)."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < elements:
+        buf = bufs[dtype] = torch.empty(elements, dtype=dtype)
+    return buf[:elements]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -218,13 +265,68 @@ class QuantizedRows:
         self.scaled_zeros = (scales.float() * zeros.float()).contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
 
+    def code_matrix(self) -> torch.Tensor:
+        """The integer codes [N, K] (uint8) the kernel was built from: the inverse of the constructor's repacking."""
+        codes = untile_rows(self.codes, 0, self.out_features)
+        if self.bits == 4:
+            blocks = codes.reshape(self.out_features, -1, 1, 32)
+            codes = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)
+        return codes.reshape(self.out_features, self.in_features)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.scaled_zeros))
 
+    def dense(self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the weight the codes stand for, [stop - start, K] in fp32 or bf16 (start % 4 == 0)."""
+        lib = library()
+        assert lib is not None, why_unavailable()
+        stop = self.out_features if stop is None else stop
+        if start % 4 or not 0 <= start <= stop <= self.out_features:
+            raise ValueError(f"rows [{start}, {stop}) of {self.out_features}: start must be a multiple of 4")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"dense weights are fp32 or bf16, not {dtype}")
+        shape = (stop - start, self.in_features)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)}")
+        lib.qwen_dequantize_rows(self.codes.data_ptr(), self.scales.data_ptr(), self.scaled_zeros.data_ptr(),
+                                 self.out_features, self.in_features, self.group_size, self.bits, start, stop,
+                                 out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
+        return out
+
+    def matmul(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [..., K] @ W^T + bias for many rows (prefill): W is rebuilt a panel of rows at a time by
+        ``dense`` and multiplied by the GEMM library in ``dtype`` (default ``prefill_dtype()``).
+
+        The activations are not quantized: bf16 rounds each element (relative 2^-9, whatever the other
+        elements hold, so outlier channels cost nothing) and fp32 is exact up to summation order."""
+        k, n = self.in_features, self.out_features
+        x2 = _check_input(x, k)
+        dtype = dtype or prefill_dtype()
+        xd = x2.to(dtype)
+        rows = n if n * k <= PANEL_ELEMENTS else max(4, PANEL_ELEMENTS // k // 4 * 4)
+        buf = _panel_buffer(min(rows, n) * k, dtype).view(min(rows, n), k)
+        if rows >= n:
+            y = torch.nn.functional.linear(xd, self.dense(0, n, dtype, buf)).float()
+        else:
+            y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+            for n0 in range(0, n, rows):
+                n1 = min(n0 + rows, n)
+                w = self.dense(n0, n1, dtype, buf[: n1 - n0])
+                y[:, n0:n1] = torch.nn.functional.linear(xd, w)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*x.shape[:-1], n)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ W^T + bias: the int16 kernel below ``panel_min_rows()`` rows, ``matmul`` from there on."""
         lib = library()
         assert lib is not None, why_unavailable()
         k, n = self.in_features, self.out_features
+        if x.numel() >= panel_min_rows() * k:
+            return self.matmul(x)
         x2 = _check_input(x, k)
         m = x2.shape[0]
         # Activations as int16 with one scale per row (relative error <= 1.5e-5 of the row's max).

@@ -431,6 +431,52 @@ void qwen_gemv_q4(const int16_t* x, const float* xscale, const float* xisum, con
     quant_dispatch<4>(x, xscale, xisum, M, N, K, G, B, codes, scale, szero, bias, y, threads);
 }
 
+
+// Rows [lo, hi) of the weight the codes stand for, w[n, k] = scale[n, g] * code - szero[n, g], written
+// row-major [hi - lo, K] in fp32 (out_bf16 == 0) or bfloat16 (round to nearest even), for prefill: the
+// GEMM libraries then multiply many activation rows by it (see QuantizedRows.matmul). lo % 4 == 0.
+void qwen_dequantize_rows(const uint8_t* codes, const float* scale, const float* szero, int64_t N, int64_t K,
+                          int64_t G, int64_t bits, int64_t lo, int64_t hi, void* out, int out_bf16, int threads) {
+    const int64_t row_bytes = bits == 8 ? K : K / 2, per_chunk = bits == 8 ? 32 : 64, groups = K / G;
+    const int64_t n4 = N / 4 * 4, chunks = K / per_chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = lo; n < hi; ++n) {
+        // Tile t = rows 4t..4t+3 with their 32-byte chunks interleaved; the last N % 4 rows are plain.
+        const uint8_t* row = n < n4 ? codes + (n / 4) * 4 * row_bytes + (n % 4) * 32 : codes + n * row_bytes;
+        const int64_t stride = n < n4 ? 4 * 32 : 32;
+        const float* sc = scale + n * groups;
+        const float* sz = szero + n * groups;
+        float w[64];
+        for (int64_t c = 0; c < chunks; ++c) {
+            const uint8_t* b = row + c * stride;
+            const int64_t k0 = c * per_chunk, g = k0 / G;
+            const float s = sc[g], z = sz[g];
+            if (bits == 8) {
+#pragma omp simd
+                for (int j = 0; j < 32; ++j) w[j] = s * (float)b[j] - z;
+            } else {
+#pragma omp simd
+                for (int j = 0; j < 32; ++j) {
+                    w[j] = s * (float)(b[j] & 0x0F) - z;
+                    w[j + 32] = s * (float)(b[j] >> 4) - z;
+                }
+            }
+            const int64_t dst = (n - lo) * K + k0;
+            if (out_bf16) {
+                uint16_t* o = (uint16_t*)out + dst;
+#pragma omp simd
+                for (int j = 0; j < per_chunk; ++j) {
+                    uint32_t u;
+                    memcpy(&u, &w[j], 4);
+                    o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+                }
+            } else {
+                memcpy((float*)out + dst, w, per_chunk * sizeof(float));
+            }
+        }
+    }
+}
+
 }  // extern "C"
 
 // ------------------------------------------------------------------------ fused decode (batch 1)

@@ -7,7 +7,7 @@ to int8 once at load time (round to nearest, one scale per row and group of 128 
 codes 1..255 around 128) and runs it through the int8 decode kernel of qwen/kernels. The deviation
 from the checkpoint is a relative weight error below 0.4% per group; the effect on the demo model's
 perplexity is in docs/quantization.md. Calls with more than a few rows (full-sequence logits for
-training or evaluation) dequantize a slice of rows at a time instead.
+training or evaluation) rebuild fp32 panels of the weight in C and run the fp32 GEMM instead.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels import QuantizedRows, untile_rows
+from ..kernels import QuantizedRows
 
 GROUP = 128
-_SLICE_ROWS = 8192  # rows dequantized at once on the many-rows path (8192 x 2048 fp32 = 64 MB)
 
 
 class Int8Head(nn.Module):
@@ -38,21 +37,14 @@ class Int8Head(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (materialises it all; for inspection and export)."""
-        return torch.cat(list(self._weight_slices()))
-
-    def _weight_slices(self):  # type: ignore[no-untyped-def]
-        r = self.rows
-        g = r.group_size
-        for start in range(0, self.out_features, _SLICE_ROWS):
-            stop = min(start + _SLICE_ROWS, self.out_features)
-            codes = untile_rows(r.codes, start, stop).float().reshape(stop - start, -1, g)
-            yield ((codes - 128) * r.scales[start:stop, :, None]).reshape(stop - start, self.in_features)
+        return self.rows.dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.numel() <= kernels.MAX_ROWS * self.in_features:
             return self.rows(x)
-        x2 = x.reshape(-1, self.in_features).float()
-        out = torch.cat([x2 @ w.t() for w in self._weight_slices()], dim=-1)
+        # Many rows (full-sequence logits): fp32 panels rebuilt in C and the fp32 GEMM, not bf16, so
+        # that evaluation logits carry no extra rounding.
+        out = self.rows.matmul(x.reshape(-1, self.in_features).float(), torch.float32)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

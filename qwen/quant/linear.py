@@ -6,23 +6,34 @@ checkpoint and a quantized model saves in the official layout with no conversion
 moves them but never changes their dtypes.
 
 The forward runs one of these kernels, chosen per layer on the first call (or by ``prepare``) from
-(bits, group layout, device, input dtype); ``QuantLinear.kernel`` names the one in use:
+(bits, group layout, device, input dtype); ``QuantLinear.kernel`` names the one in use. None of the
+default ones quantizes activations per tensor: real 7B/14B models have input channels 20-100x larger
+than the rest, and a per-tensor 8-bit grid would spend its resolution on them (docs/quantization.md,
+"Outlier channels"):
 
+``qwen-kernels``
+    int8 and int4 on CPU with fp32 inputs (groups of whole 32/64-input chunks; act-order too): our
+    kernels (qwen/kernels). Up to ``kernels.panel_min_rows()`` rows (decode, the server's batched
+    decode, short chunks): the matrix-vector kernel with activations rounded to int16 per row
+    (relative 1.5e-5 of the row's largest value). Beyond (prefill): the weight is rebuilt a panel at a
+    time by a C routine and multiplied by the GEMM library, in bf16 on CPUs with AMX/AVX512-BF16
+    (per-element rounding, 2^-9 relative) and fp32 elsewhere. Only these codes are kept (qweight is
+    rebuilt from them when read), so the layer holds one byte per int8 weight, half a byte per int4.
 ``int4-tinygemm``
-    4-bit on CPU: ``torch._weight_int4pack_mm_for_cpu``, PyTorch's groupwise int4 kernel, which
-    dequantizes weight tiles in registers (no float weight is materialised). Needs N % 16 == 0 and
-    groups that are whole multiples of 32 inputs dividing K (g = 32, 64, 128, 256, ... or -1 when
-    K % 32 == 0). Act-order checkpoints (desc_act, a permuted g_idx) run it too: the inputs are
-    gathered into group order first. W = s * (q - z) is re-expressed as (q - 8) * s + s * (8 - z),
-    the kernel's form. It runs in bfloat16 (activations, scales and outputs; accumulation in fp32)
-    because its float32 variant is about 30x slower here: outputs carry bf16 rounding (~0.4%),
-    comparable to the fp16 of the official GPU kernels.
-``int8-fbgemm``
-    8-bit on CPU: PyTorch's dynamic int8 linear (fbgemm, VNNI), with the exact int8 weights and
-    per-output-channel scales and zeros. One call when the layer has one group per row
-    (group_size -1), else one call per group, summed (act-order permutations are handled as above).
-    Each call quantizes its slice of activations to 8 bits, which costs about 1% relative error per
-    layer on random data (+0.06% perplexity on the demo model) for a several times faster matmul.
+    4-bit on CPU where our kernels do not apply (bf16 inputs, groups of 32, no C compiler):
+    ``torch._weight_int4pack_mm_for_cpu``, PyTorch's groupwise int4 kernel, which dequantizes weight
+    tiles in registers. Needs N % 16 == 0 and groups that are whole multiples of 32 inputs dividing K.
+    Act-order checkpoints run it too: the inputs are gathered into group order first. W = s * (q - z)
+    is re-expressed as (q - 8) * s + s * (8 - z), the kernel's form. It runs in bfloat16
+    (activations, scales and outputs; fp32 accumulation): ~0.4% rounding, like the fp16 of the official
+    GPU kernels.
+``int8-fbgemm`` (opt-in only)
+    PyTorch's dynamic int8 linear (fbgemm) with the exact int8 weights, one call per group. Each call
+    quantizes its activations to 8 bits with one scale for the whole tensor (7 bits on CPUs without
+    VNNI): fast, but a few outlier channels ruin it (+109% perplexity on the demo model with 50x
+    channels), so ``auto`` never picks it.
+``int8-rowwise`` (opt-in only)
+    fbgemm on weights re-rounded to one scale per row; lossy twice over, kept for comparisons.
 ``dequant``
     Everything else (2-bit, groups of unequal sizes, shapes the kernels reject, GPU): dequantize a
     slice of input rows at a time into the input dtype and matmul. Exact up to float rounding and
@@ -59,9 +70,8 @@ from .layout import (
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("auto", "int4-tinygemm", "int8-fbgemm", "int8-rowwise", "dequant")
+KERNELS = ("auto", "qwen-kernels", "int4-tinygemm", "int8-fbgemm", "int8-rowwise", "dequant")
 _TINYGEMM_GROUPS = (256, 128, 64, 32)
-_GEMV_MAX_ROWS = 4  # tokens up to which the decode kernel beats the main kernel (qwen.kernels.MAX_ROWS)
 # Float weights the dequant path may hold at once (elements): bounds its working set.
 _DEQUANT_CHUNK_ELEMENTS = 1 << 21
 
@@ -84,7 +94,7 @@ class QuantLinear(nn.Module):
         for name, shape in expected_shapes(in_features, out_features, bits, group_size).items():
             self.register_buffer(name, torch.zeros(shape, dtype=EXPECTED_DTYPES[name], device=device))
         self.kernel: str | None = None  # the kernel in use, chosen by prepare()
-        self.decode_kernel: str | None = None  # qwen.kernels' gemv for inputs of <= 4 tokens, when it applies
+        self.decode_kernel: str | None = None  # the int16 gemv of qwen-kernels (few-row inputs), when it runs
         # True while qweight's storage is dropped because the int8 kernel's packed copy holds the
         # same codes; state_dict() and anything else that reads qweight rebuild it (see _release_codes).
         self._codes_released = False
@@ -110,9 +120,9 @@ class QuantLinear(nn.Module):
         return dequantize(self._official_qweight(), self.qzeros, self.scales, self.g_idx, self.bits, dtype)
 
     def _release_codes(self) -> None:
-        # The fbgemm-packed int8 weight is an exact copy of the codes (linear_unpack gives them back),
-        # so keeping qweight as well would double the layer's memory.
-        if self.kernel == "int8-fbgemm" and not self._codes_released:
+        # Our kernels' codes and the fbgemm-packed int8 weight are exact copies of the official codes
+        # (code_matrix / linear_unpack give them back), so keeping qweight too would double the memory.
+        if self.kernel in ("qwen-kernels", "int8-fbgemm") and not self._codes_released:
             self._buffers["qweight"] = torch.empty(0, dtype=torch.int32, device=self.qweight.device)
             self._codes_released = True
 
@@ -121,12 +131,17 @@ class QuantLinear(nn.Module):
         if not self._codes_released:
             return self.qweight
         rt = self._runtime
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parts = [torch.ops.quantized.linear_unpack(p)[0].int_repr() for p in rt["packed"]]  # [N, slice]
-        q = torch.cat(parts, dim=1).t().to(torch.int32) + 128  # [K, N], group order
-        if rt["perm"] is not None:
-            q = q[torch.argsort(rt["perm"])]
+        if self.kernel == "qwen-kernels":
+            q = rt["gemv"].code_matrix().t().to(torch.int32)  # [K, N], group order
+            perm = rt["gemv_perm"]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parts = [torch.ops.quantized.linear_unpack(p)[0].int_repr() for p in rt["packed"]]  # [N, slice]
+            q = torch.cat(parts, dim=1).t().to(torch.int32) + 128  # [K, N], group order
+            perm = rt["perm"]
+        if perm is not None:
+            q = q[torch.argsort(perm)]
         return pack_rows(q, self.bits)
 
     def _restore_codes(self) -> None:
@@ -180,29 +195,30 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ kernels
     def prepare(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
                 kernel: str | None = None) -> str:
-        """Choose and build the kernel for inputs of ``dtype`` on ``device``; returns its name."""
-        if kernel is not None:
-            if kernel not in KERNELS:
-                raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-            self._requested_kernel = kernel
+        """Choose and build the kernel for inputs of ``dtype`` on ``device``; returns its name.
+
+        A kernel named here is used from then on (``"auto"`` restores the choice); one that cannot run
+        the layer raises ValueError and leaves the layer as it was."""
+        wanted = self._requested_kernel if kernel is None else kernel
+        if wanted not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {wanted!r}")
         device = torch.device(device) if device is not None else self.qweight.device
+        if wanted != "auto":
+            reason = self._unsupported_reason(wanted, device, dtype)
+            if reason is not None:
+                raise ValueError(f"kernel {wanted!r} cannot run this layer: {reason}")
+        self._requested_kernel = wanted
         self._restore_codes()
         self._reset_runtime()
-        wanted = self._requested_kernel
-        candidates = [wanted] if wanted != "auto" else ["int4-tinygemm", "int8-fbgemm", "dequant"]
+        candidates = [wanted] if wanted != "auto" else ["qwen-kernels", "int4-tinygemm", "dequant"]
         for name in candidates:
-            reason = self._unsupported_reason(name, device, dtype)
-            if reason is None:
+            if self._unsupported_reason(name, device, dtype) is None:
                 build = getattr(self, "_build_" + name.replace("-", "_"))
                 build(device, dtype)
                 self.kernel = name
-                if wanted == "auto":
-                    self._build_gemv(device, dtype)
                 self._prepared_for = (device.type, device.index, dtype, self._requested_kernel)
                 self._release_codes()
                 return name
-            if wanted != "auto":
-                raise ValueError(f"kernel {name!r} cannot run this layer: {reason}")
         raise AssertionError("the dequant kernel runs everything")  # pragma: no cover
 
     def _unsupported_reason(self, name: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -212,6 +228,8 @@ class QuantLinear(nn.Module):
             return "CPU only"
         if dtype not in (torch.float32, torch.bfloat16):
             return f"inputs must be float32 or bfloat16, not {dtype}"
+        if name == "qwen-kernels":
+            return self._qwen_kernels_reason(dtype)
         if name == "int4-tinygemm":
             if self.bits != 4:
                 return "4-bit layers only"
@@ -240,6 +258,23 @@ class QuantLinear(nn.Module):
         if name == "int8-rowwise":
             return None if _fbgemm_available() else "no fbgemm/x86 quantized engine in this PyTorch build"
         return f"unknown kernel {name!r}"
+
+    def _qwen_kernels_reason(self, dtype: torch.dtype) -> str | None:
+        from .. import kernels
+
+        if dtype != torch.float32:
+            return f"fp32 inputs only, not {dtype}"
+        if self.bits not in (4, 8):
+            return "4- and 8-bit layers only"
+        g = effective_group_size(self.in_features, self.group_size)
+        chunk = 64 if self.bits == 4 else 32
+        if self.in_features % g or g % chunk:
+            return f"groups must be whole multiples of {chunk} inputs dividing in_features ({self.in_features}), not {g}"
+        if _group_order(self.g_idx, self.in_features, self.group_size) is None:
+            return "g_idx does not split the inputs into equal groups"
+        if not kernels.available():
+            return f"qwen.kernels unavailable: {kernels.why_unavailable()}"
+        return None
 
     def _one_group_per_row(self) -> bool:
         if self.scales.shape[0] == 1:
@@ -301,30 +336,22 @@ class QuantLinear(nn.Module):
         self._runtime = {"packed": packed, "slices": [(k0, k1) for k0, k1, _ in slices], "perm": perm,
                          "reduce_range": not _has_vnni(), "bias": self.bias.float()}
 
-    def _build_gemv(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Our decode kernel (qwen/kernels), used for inputs of at most MAX_ROWS tokens, when it applies.
-
-        The main kernel keeps prefill: it is faster there (the GEMM libraries block for many rows).
-        The kernel keeps its own copy of the codes, in the row-tiled order it streams fastest.
-        """
+    def _build_qwen_kernels(self, device: torch.device, dtype: torch.dtype) -> None:
+        """qwen/kernels' QuantizedRows: the int16 matrix-vector kernel for few rows, dequantized panels and
+        the GEMM library for many. It keeps its own copy of the codes, in the row-tiled order it streams
+        fastest; qweight is released afterwards (see _release_codes)."""
         from .. import kernels
 
-        if device.type != "cpu" or dtype != torch.float32 or self.bits not in (4, 8):
-            return
-        g = effective_group_size(self.in_features, self.group_size)
-        if self.in_features % g or g % (64 if self.bits == 4 else 32):
-            return
         order = _group_order(self.g_idx, self.in_features, self.group_size)
-        if order is None or not kernels.available():
-            return
+        assert order is not None
         q = unpack_rows(self._official_qweight(), self.bits)  # [K, N]
         perm = None if order is True else order
         if perm is not None:
             q = q[perm]
         scales = self.scales.float()
         zeros = (unpack_cols(self.qzeros, self.bits) + 1).float()
-        self._runtime["gemv"] = kernels.QuantizedRows(q.t(), scales.t(), zeros.t(), self.bits, self.bias.float())
-        self._runtime["gemv_perm"] = perm
+        self._runtime = {"gemv": kernels.QuantizedRows(q.t(), scales.t(), zeros.t(), self.bits, self.bias.float()),
+                         "gemv_perm": perm}
         self.decode_kernel = f"gemv-int{self.bits}"
 
     def _build_int8_rowwise(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -365,10 +392,9 @@ class QuantLinear(nn.Module):
         return self._forward_kernel(x)
 
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        gemv = self._runtime.get("gemv")
-        if gemv is not None and x.dtype == torch.float32 and x.numel() <= _GEMV_MAX_ROWS * self.in_features:
+        if self.kernel == "qwen-kernels":
             perm = self._runtime["gemv_perm"]
-            return gemv(x if perm is None else x.index_select(-1, perm))
+            return self._runtime["gemv"](x if perm is None else x.index_select(-1, perm))
         if self.kernel == "int4-tinygemm":
             return self._forward_int4_tinygemm(x)
         if self.kernel in ("int8-fbgemm", "int8-rowwise"):
@@ -453,10 +479,26 @@ class QuantLinear(nn.Module):
         activations), the backward uses the weight the codes stand for: the kernels' rounding is
         treated as noise, as QLoRA-style training does with its quantized forward."""
         gy = grad_y.reshape(-1, self.out_features)
+        if self.kernel == "qwen-kernels" and gy.dtype == torch.float32:
+            return self._grad_input_rows(gy).reshape(*grad_y.shape[:-1], self.in_features)
         gx = torch.empty(gy.shape[0], self.in_features, dtype=gy.dtype, device=gy.device)
         for k0, k1, w_t in self._weight_t_chunks(gy.dtype, self._official_qweight()):
             gx[:, k0:k1] = gy @ w_t.t()
         return gx.reshape(*grad_y.shape[:-1], self.in_features)
+
+    def _grad_input_rows(self, gy: torch.Tensor) -> torch.Tensor:
+        """dL/dx from our kernels' codes: exact fp32 panels of W (in group order) rebuilt in C."""
+        from .. import kernels
+
+        rows, perm = self._runtime["gemv"], self._runtime["gemv_perm"]
+        step = max(4, kernels.PANEL_ELEMENTS // self.in_features // 4 * 4)
+        gx = torch.zeros(gy.shape[0], self.in_features, dtype=torch.float32)
+        for n0 in range(0, self.out_features, step):
+            n1 = min(n0 + step, self.out_features)
+            gx.addmm_(gy[:, n0:n1], rows.dense(n0, n1, torch.float32))
+        if perm is not None:
+            gx = gx.index_select(1, torch.argsort(perm))
+        return gx
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
