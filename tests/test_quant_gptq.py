@@ -268,8 +268,12 @@ def test_quantize_command_end_to_end(tmp_path, capsys) -> None:
 def test_quantize_command_errors(tmp_path, capsys) -> None:
     src = tmp_path / "tiny"
     init_checkpoint("tiny-vocab", src, seed=0, dtype=torch.float32)
-    assert quantize_cmd.main(["--model", str(src), "--output", str(tmp_path / "o"), "--method", "gptq"]) == 1
-    assert "GPTQ needs calibration data" in capsys.readouterr().err
+    assert quantize_cmd.main(["--model", str(src), "--output", str(tmp_path / "o"), "--method", "rtn",
+                              "--calib", str(tmp_path / "c.json")]) == 1
+    assert "--calib is a GPTQ option" in capsys.readouterr().err
+    assert quantize_cmd.main(["--model", str(src), "--output", str(tmp_path / "o"), "--method", "gptq",
+                              "--group-size", "32", "--calib", str(tmp_path / "missing.json")]) == 1
+    assert "missing.json" in capsys.readouterr().err
     assert quantize_cmd.main(["--model", str(src), "--output", str(tmp_path / "o"), "--method", "rtn",
                               "--group-size", "48"]) == 1
     assert "group_size 48 does not divide" in capsys.readouterr().err
@@ -277,3 +281,28 @@ def test_quantize_command_errors(tmp_path, capsys) -> None:
         quantize_cmd.main(["--model", str(src), "--output", str(tmp_path / "o"), "--bits", "3"])
     assert e.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_gptq_without_calib_uses_the_built_in_set(tmp_path, capsys) -> None:
+    """As AutoGPTQ/optimum users expect: no --calib, GPTQ still runs, on the set shipped in the package
+    (every sample by default; --num-samples takes the first N)."""
+    from qwen.quant.calibration import DEFAULT_CALIBRATION, load_calibration
+
+    src = tmp_path / "tiny"
+    init_checkpoint("tiny", src, seed=0, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    built_in = load_calibration(None, tokenizer, max_len=512, num_samples=None)
+    assert len(built_in) == sum(1 for line in DEFAULT_CALIBRATION.read_text("utf-8").splitlines() if line.strip())
+    assert len(built_in) >= 300 and sum(len(t) for t in built_in) > 50_000 and max(map(len, built_in)) <= 512
+    out = tmp_path / "q"
+    assert quantize_cmd.main(["--model", str(src), "--output", str(out), "--bits", "4", "--group-size", "32",
+                              "--max-len", "256", "--num-samples", "40", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "calibration: 40 sequences" in err and "the built-in calibration set" in err
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 4
+    # A tokenizer whose ids do not fit the model is named, not an IndexError deep in the embedding.
+    small = tmp_path / "small-vocab"
+    init_checkpoint("tiny-vocab", small, seed=0, dtype=torch.float32)
+    assert quantize_cmd.main(["--model", str(small), "--output", str(tmp_path / "q2"), "--group-size", "32",
+                              "--no-progress"]) == 1
+    assert "vocab_size" in capsys.readouterr().err and not (tmp_path / "q2").exists()

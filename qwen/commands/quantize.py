@@ -7,8 +7,10 @@ qzeros, scales, g_idx and bias; the embeddings, norms and lm_head are stored in 
 here (``AutoModelForCausalLM.from_pretrained``), in the official transformers + auto-gptq stack,
 and in vLLM.
 
-GPTQ needs calibration data (--calib): the official fine-tuning JSON format (as run_gptq.py),
-JSONL, or plain text. The result is deterministic for a given model, data and machine. The model
+GPTQ calibrates on --calib FILE (the official fine-tuning JSON format as run_gptq.py, JSONL, or
+plain text) or, without it, on the bilingual set that ships with the package (300 samples of prose,
+chats, code, math and tables, ~100k tokens; qwen/assets/NOTICE). The result is deterministic for a
+given model, data and machine. The model
 is loaded in its checkpoint dtype and each block is quantized in float32, so a 7B model needs
 about 16 GB of RAM plus the calibration activations (samples x tokens x hidden x 8 bytes).
 """
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="directory to write the quantized checkpoint to (written atomically)")
     parser.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
-                        help="gptq (default; needs --calib) or rtn: round-to-nearest, no calibration")
+                        help="gptq (default) or rtn: round-to-nearest, no calibration")
     parser.add_argument("--bits", type=int, choices=[2, 4, 8], default=4, help="bits per weight (default 4)")
     parser.add_argument("--group-size", type=int, default=128,
                         help="inputs per scale/zero group; -1 = one group per output row (default 128, "
@@ -47,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--damp-percent", type=float, default=0.01,
                         help="GPTQ dampening: this fraction of the mean Hessian diagonal is added to it (default 0.01)")
     parser.add_argument("--calib", metavar="FILE", default=None,
-                        help="calibration data for GPTQ: official SFT JSON ([{'conversations': ...}]), JSONL, or text")
+                        help="calibration data for GPTQ: official SFT JSON ([{'conversations': ...}]), JSONL, or "
+                        "text (default: the built-in bilingual set)")
     parser.add_argument("--max-len", type=int, default=2048,
                         help="tokens per calibration sequence; longer samples are truncated (default 2048)")
-    parser.add_argument("--num-samples", type=int, default=128,
-                        help="calibration sequences to use, in file order (default 128)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="calibration sequences to use, in file order (default: 128 from --calib, all 300 of "
+                        "the built-in set)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="dtype to load the float model in (default: the checkpoint's); blocks are always "
                         "quantized in float32")
@@ -73,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                             model_file_base_name="model")
         if args.method == "rtn" and (args.desc_act or args.static_groups):
             raise QuantConfigError("--desc-act and --static-groups are GPTQ options; drop them for --method rtn")
-        if args.method == "gptq" and not args.calib:
-            raise QuantConfigError("GPTQ needs calibration data: pass --calib FILE (official SFT JSON, JSONL or "
-                                   "text), or use --method rtn")
+        if args.method == "rtn" and args.calib:
+            raise QuantConfigError("--calib is a GPTQ option: round-to-nearest uses no calibration data")
         _run(args, config)
     except (CheckpointError, ConfigError, DataError, ModelNotFoundError, QuantConfigError, FileNotFoundError,
             OSError) as e:
@@ -103,9 +106,15 @@ def _run(args: argparse.Namespace, config: GPTQConfig) -> None:
     check_quantizable(model, config)  # fail on shapes before reading calibration data
     calibration = None
     if args.method == "gptq":
-        calibration = load_calibration(args.calib, tokenizer, max_len=args.max_len, num_samples=args.num_samples)
+        num_samples = args.num_samples if args.num_samples is not None else (128 if args.calib else None)
+        calibration = load_calibration(args.calib, tokenizer, max_len=args.max_len, num_samples=num_samples)
         tokens = sum(len(c) for c in calibration)
-        print(f"calibration: {len(calibration)} sequences, {tokens:,} tokens from {args.calib}", file=sys.stderr)
+        top = max(int(c.max()) for c in calibration)
+        if top >= model.config.vocab_size:
+            raise CheckpointError(f"calibration token id {top} is outside the model's vocab_size "
+                                  f"{model.config.vocab_size}: the tokenizer in {args.model} does not match the model")
+        source = args.calib or "the built-in calibration set"
+        print(f"calibration: {len(calibration)} sequences, {tokens:,} tokens from {source}", file=sys.stderr)
     start = time.perf_counter()
     quantize_model(model, config, args.method, calibration, progress=progress, device=device)
     print(f"quantized {args.method} int{config.bits} (group size {config.group_size}) in "

@@ -3,6 +3,7 @@ KV cache in float and in int8 (the model cards' quantization table, on a model w
 
     python -m qwen.quant.accuracy                       # the embedded demo model
     python -m qwen.quant.accuracy --model DIR --json table.json
+    python -m qwen.quant.accuracy --outliers 50 3      # the same model with 3 norm channels scaled 50x
 
 Rows: float32, RTN and GPTQ int8 / int4 (GPTQ with act-order; official AutoGPTQ layout, group size
 ``--group-size``), float32 and GPTQ int4 with ``int8_lm_head``, bitsandbytes NF4 and LLM.int8 (when
@@ -97,6 +98,38 @@ def build_rows(base: Any, calibration: list[torch.Tensor], group_size: int) -> d
     return rows
 
 
+def outlier_table(base: Any, calibration: list[torch.Tensor], evaluation: list[torch.Tensor], group_size: int,
+                  factor: float, channels: int, kinds: tuple[str, ...] = ("norm",)) -> dict[str, dict[str, float]]:
+    """Perplexity of ``base`` with outlier channels (qwen.quant.outliers), per weight format and kernel.
+
+    Columns: ``prefill`` (each text in one forward: the prefill kernels), ``chunks`` (16 tokens at a
+    time through the KV cache: the few-row kernels), each with the default kernels and with
+    ``quant_kernel="dequant"`` (the same weights, exact matmuls), and fbgemm's opt-in per-tensor int8."""
+    from .linear import prepare_quant_layers
+    from .outliers import add_outlier_channels
+
+    model = copy.deepcopy(base)
+    add_outlier_channels(model, factor=factor, channels=channels, kinds=kinds)
+    table: dict[str, dict[str, float]] = {"float32 (original)": {"prefill": perplexity(base, evaluation)},
+                                          "float32 (outliers)": {"prefill": perplexity(model, evaluation)}}
+    for label, (method, bits) in {"RTN int8": ("rtn", 8), "GPTQ int8": ("gptq", 8), "RTN int4": ("rtn", 4),
+                                  "GPTQ int4": ("gptq", 4)}.items():
+        from . import GPTQConfig, quantize_model
+
+        q = copy.deepcopy(model)
+        quantize_model(q, GPTQConfig(bits=bits, group_size=group_size, desc_act=method == "gptq"), method,
+                       calibration, progress=False)
+        row: dict[str, float] = {}
+        for kernel in ("auto", "dequant") + (("int8-fbgemm",) if bits == 8 else ()):
+            prepare_quant_layers(q, torch.float32, kernel)
+            row[f"prefill {kernel}"] = perplexity(q, evaluation)
+            if kernel != "int8-fbgemm":
+                row[f"chunks {kernel}"] = perplexity(q, evaluation, 16)
+        table[label] = row
+        print(f"  {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), file=sys.stderr, flush=True)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     from .. import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ/RTN group size (default -1: the demo's 128- and 344-input layers share no larger divisor)")
     p.add_argument("--chunk", type=int, default=16, help="tokens per forward through the KV cache (default 16)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--outliers", nargs=2, type=float, metavar=("FACTOR", "CHANNELS"), default=None,
+                   help="instead: the outlier table (qwen.quant.outliers, norm channels scaled by FACTOR), default "
+                   "kernels vs quant_kernel='dequant'")
     args = p.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -115,6 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(len(t) - 1 for t in evaluation)
     print(f"{args.model}: {len(calibration)} calibration and {len(evaluation)} evaluation documents "
           f"({tokens} evaluated tokens), chunks of {args.chunk}", file=sys.stderr)
+    if args.outliers:
+        factor, channels = args.outliers[0], int(args.outliers[1])
+        table = outlier_table(base, calibration, evaluation, args.group_size, factor, channels)
+        ref = table["float32 (original)"]["prefill"]
+        print(f"\n{channels} channels x{factor:g}; perplexity (vs the original float model)\n")
+        print("| weights | prefill, default kernels | prefill, dequant | chunks of 16, default | chunks of 16, dequant "
+              "| prefill, int8-fbgemm |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, cols in table.items():
+            cells = [f"{cols[c]:.4f} ({cols[c] / ref - 1:+.2%})" if c in cols else "" for c in
+                     ("prefill auto", "prefill dequant", "chunks auto", "chunks dequant", "prefill int8-fbgemm")]
+            if "prefill" in cols:
+                cells[0] = f"{cols['prefill']:.4f} ({cols['prefill'] / ref - 1:+.2%})"
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"model": args.model, "group_size": args.group_size, "outliers": [factor, channels],
+                           "evaluated_tokens": tokens, "perplexity": table}, f, indent=1)
+        return 0
     table: dict[str, dict[str, float]] = {}
     for label, model in build_rows(base, calibration, args.group_size).items():
         table[label] = {}
