@@ -6,8 +6,11 @@ PyTorch's CPU paths leave bandwidth unused at M = 1: MKL's gemv over [out, in] f
 quantizing activations than reading weights, and the int4 tinygemm kernel reads ~9 GB/s.
 gemv.cpp streams four rows at a time per thread, expands int8/int4 codes in registers and
 multiplies them with int16-rounded activations (AVX512-VNNI's vpdpwssd, or AVX2's vpmaddwd on CPUs
-without AVX-512 such as AMD Zen 2/3; the integer sums are exact either way). Measured numbers:
-docs/benchmarks.md, docs/quantization.md. kernels/decode.py runs a whole decode step in one call.
+without AVX-512 such as AMD Zen 2/3; the integer sums are exact either way). For many rows
+(prefill) ``QuantizedRows.matmul`` rebuilds the weight a panel at a time in C and hands it to the
+GEMM library (bf16 on CPUs with AMX/AVX512-BF16, else fp32): activations are never quantized per
+tensor, so outlier channels cost nothing. Measured numbers: docs/benchmarks.md,
+docs/quantization.md. kernels/decode.py runs a whole decode step in one call.
 
 The library is built with the system C++ compiler (``g++ -O3 -march=native -fopenmp``) into
 ``$QWEN_CACHE_DIR`` (default ``~/.cache/qwen``)/kernels/<hash>/, once per source, compiler and CPU,

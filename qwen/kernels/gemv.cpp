@@ -1,4 +1,5 @@
-// Matrix-vector kernels for CPU decode: y[M, N] = x[M, K] . W[N, K]^T (+ bias), M small (1-4).
+// Matrix-vector kernels for CPU decode: y[M, N] = x[M, K] . W[N, K]^T (+ bias), M small (decode: 1-4;
+// the server's batched rows and short chunks: up to 31). qwen_dequantize_rows rebuilds W for prefill.
 //
 // Batch-1 decode reads every weight once per token, so its speed is the speed at which these loops
 // stream W from memory. Each thread walks a contiguous band of output rows, four rows at a time
