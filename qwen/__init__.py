@@ -27,6 +27,23 @@ _LAZY = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
+# The composition root: the extensions the core calls through qwen/transforms.py, as "module:attribute"
+# (imported on first use, so `import qwen` stays light). Order matters only within a hook.
+from . import transforms as _transforms  # noqa: E402
+
+for _spec in ("qwen.finetune.lora:LORA_ADAPTER_TRANSFORM",  # adapter directories load their base
+              "qwen.quant.bnb:BNB_TRANSFORM",               # load_in_4bit / load_in_8bit
+              "qwen.quant.loading:GPTQ_TRANSFORM",          # GPTQ layers, tensors, kernels, save layout
+              "qwen.quant.head:INT8_HEAD_TRANSFORM",         # int8_lm_head=True
+              "qwen.cpu_pack:CPU_PACK_TRANSFORM"):           # cpu_packed_weights
+    _transforms.register_load_transform(_spec)
+_transforms.register_decode_step("qwen.kernels.decode:fused_decode_step")
+_transforms.register_method("load_model", "qwen.checkpoint:load_model")
+_transforms.register_method("save_model", "qwen.checkpoint:save_model")
+_transforms.register_method("chat", "qwen.chat:chat")
+_transforms.register_method("chat_stream", "qwen.chat:chat_stream")
+_transforms.register_method("save_default_tokenizer", "qwen.tokenizer:save_default_tokenizer")
+
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)

@@ -24,19 +24,11 @@ class AutoConfig:
 class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """checkpoint.load_model: GPTQ, bitsandbytes (load_in_4bit/8bit), LoRA adapter directories and the CPU
+        options are its registered load transforms (qwen/transforms.py)."""
         from .checkpoint import load_model
-        from .quant.bnb import pop_bnb_settings, quantize_with_bitsandbytes
 
-        bnb = pop_bnb_settings(kwargs)  # load_in_4bit / load_in_8bit / BitsAndBytesConfig
-        if bnb is None:
-            return load_model(path, *args, **kwargs)
-        if os.path.isfile(os.path.join(path, "qlora_config.json")):
-            # A Q-LoRA adapter: quantize its base this way and apply the adapter unmerged.
-            from .finetune.lora import load_adapter_checkpoint
-
-            return load_adapter_checkpoint(path, bnb=bnb, **kwargs)
-        kwargs["cpu_packed_weights"] = False  # bitsandbytes replaces plain nn.Linear layers
-        return quantize_with_bitsandbytes(load_model(path, *args, **kwargs), bnb)
+        return load_model(path, *args, **kwargs)
 
     @staticmethod
     def from_config(config: QWenConfig, **kwargs: Any) -> Any:

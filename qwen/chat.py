@@ -227,11 +227,10 @@ class ChatSession:
     def _stream_engine(self, query: str, ids: list[int], stops: list[list[int]], cfg: GenerationConfig,
                        ) -> Iterator[GenerationResponse]:
         from .sampling import SamplingParams
-        from .serve.engine import RequestParams
 
         stop_ids = sorted({s[0] for s in stops if len(s) == 1} | set(cfg.eos_token_ids or []))
         stop_text = [self.tokenizer.decode(s) for s in stops if len(s) > 1] + list(cfg.stop_strings or [])
-        params = RequestParams(
+        params = self.engine.Params(
             max_new_tokens=min(cfg.max_new_tokens or 512, self.engine.max_model_len - len(ids)),
             sampling=SamplingParams(do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
                                     top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,

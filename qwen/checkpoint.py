@@ -314,16 +314,13 @@ def load_model(
     config: QWenConfig | None = None,
     progress: bool = True,
     strict: bool = True,
-    cpu_packed_weights: bool | None = None,
-    quant_kernel: str = "auto",
-    int8_lm_head: bool = False,
     **kwargs: Any,
 ) -> QWenLMHeadModel:
     """Load a QWenLMHeadModel from a checkpoint directory (see module docstring).
 
     Keyword arguments naming config fields (use_dynamic_ntk, use_logn_attn, seq_length, ...) override
     config.json; loader arguments of transformers that do not apply (trust_remote_code, revision, ...)
-    are accepted and ignored.
+    are accepted and ignored. The registered load transforms (qwen/transforms.py) own further options:
 
     ``cpu_packed_weights`` (default: on for fp32 models placed entirely on the CPU) reorders linear
     weights for oneDNN, which makes CPU inference 1.5-2x faster (see qwen/cpu_pack.py). Pass False
@@ -336,20 +333,26 @@ def load_model(
 
     ``int8_lm_head=True`` (CPU, fp32) rounds lm_head to int8 for faster decode (qwen/quant/head.py):
     a deliberate, small deviation from the checkpoint, off by default.
+
+    A LoRA adapter directory loads its base and merges the adapter (qwen/finetune/lora.py).
     """
+    from .transforms import LoadContext, load_transforms
+
+    transforms = load_transforms()
     path = resolve_model_path(pretrained_model_name_or_path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: expected a checkpoint directory")
-    if os.path.exists(os.path.join(path, "adapter_config.json")) and not os.path.exists(os.path.join(path, CONFIG_NAME)):
-        # A LoRA adapter directory: load its base, merge the adapter (qwen/finetune/lora.py).
-        from .finetune.lora import load_adapter_checkpoint
-
-        return load_adapter_checkpoint(path, device_map=device_map, device=device, torch_dtype=torch_dtype,
-                                       bf16=bf16, fp16=fp16, fp32=fp32, config=config, progress=progress,
-                                       strict=strict, cpu_packed_weights=cpu_packed_weights, **kwargs)
+    for t in transforms:  # e.g. bitsandbytes (load_in_4bit), LoRA adapter directories
+        model = t.load_instead(path, dict(device_map=device_map, device=device, torch_dtype=torch_dtype, bf16=bf16,
+                                          fp16=fp16, fp32=fp32, config=config, progress=progress, strict=strict,
+                                          **kwargs))
+        if model is not None:
+            return model
     for k in list(kwargs):
         if k in IGNORED_LOAD_KWARGS:
             kwargs.pop(k)
+    options = {k: v for t in transforms for k, v in t.options.items()}
+    options.update({k: kwargs.pop(k) for k in list(kwargs) if k in options})
     if config is None:
         config = QWenConfig.from_pretrained(path)
     field_names = set(config.__dataclass_fields__)
@@ -362,28 +365,23 @@ def load_model(
         raise TypeError(f"from_pretrained got unexpected keyword arguments: {sorted(kwargs)}")
     if overrides:
         config = config.update(**overrides)
-    quant_config = None
-    if config.quantization_config:
-        from .quant.loading import read_checkpoint_quant_config
-
-        quant_config = read_checkpoint_quant_config(path, config.quantization_config)
     if device is not None and device_map is None:
         device_map = device
     placement = plan_device_map(config, device_map, torch.float32)
     main_device = placement["transformer.wte"]
-    dtype = resolve_dtype(config, main_device, torch_dtype, bf16, fp16, fp32)
-    if quant_config is not None and main_device.type == "cpu" and torch_dtype is None and not (bf16 or fp16 or fp32):
-        dtype = torch.float32  # GPTQ configs ask for fp16, which CPUs cannot compute with at any useful speed
-    if dtype != torch.float32 and str(device_map) == "auto":
-        placement = plan_device_map(config, device_map, dtype)
+    ctx = LoadContext(path=path, config=config, options=options, placement=placement,
+                      dtype=resolve_dtype(config, main_device, torch_dtype, bf16, fp16, fp32))
+    ctx.state["dtype_given"] = torch_dtype is not None or bf16 or fp16 or fp32
+    for t in transforms:
+        t.configure(ctx)
+    if ctx.dtype != torch.float32 and str(device_map) == "auto":
+        ctx.placement = placement = plan_device_map(config, device_map, ctx.dtype)
 
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
-    model.to(dtype)
-    if quant_config is not None:
-        from .quant.loading import install_quant_layers
-
-        install_quant_layers(model, quant_config)
+    model.to(ctx.dtype)
+    for t in transforms:
+        t.install(ctx, model)
     for unit, dev in placement.items():
         if unit == "lm_head" and config.tie_word_embeddings:
             continue
@@ -391,13 +389,12 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    quant_targets: dict[str, torch.Tensor] = {}
-    if quant_config is not None:
-        from .quant.loading import check_quant_tensor, quant_load_targets
-
-        quant_targets = quant_load_targets(model)
-        params.update(quant_targets)
+    params: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    owner: dict[str, Any] = {}
+    for t in transforms:
+        extra = t.load_targets(ctx, model)
+        params.update(extra)
+        owner.update(dict.fromkeys(extra, t))
     loaded: set[str] = set()
     unexpected: list[str] = []
     bar = _progress(total=len(params), desc="Loading weights", enabled=progress)
@@ -412,8 +409,8 @@ def load_model(
             raise CheckpointError(
                 f"{file}: tensor {name!r} has shape {list(shape)}, the config implies {list(target.shape)}"
             )
-        if name in quant_targets:
-            check_quant_tensor(file, name, reader.dtype(name))
+        if name in owner:
+            owner[name].check_tensor(ctx, file, name, reader.dtype(name))
         elif not (reader.dtype(name).is_floating_point):
             raise CheckpointError(f"{file}: tensor {name!r} has dtype {reader.dtype(name)}, expected a float tensor")
         with torch.no_grad():
@@ -421,40 +418,22 @@ def load_model(
         loaded.add(name)
         bar.update(1)
     bar.close()
-    if quant_config is not None:
-        from .quant.loading import finish_quant_load
-
-        loaded |= finish_quant_load(model, loaded, path)
+    for t in transforms:
+        loaded |= t.after_tensors(ctx, model, loaded)
     missing = sorted(set(params) - loaded - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if missing and strict:
         raise CheckpointError(f"{path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if unexpected:
-        if strict and any(n.endswith(("qweight", "qzeros", "scales", "g_idx")) for n in unexpected):
-            raise CheckpointError(f"{path}: holds GPTQ tensors but config.json has no quantization_config")
+        if strict:
+            for t in transforms:
+                reason = t.explain_unexpected(ctx, unexpected)
+                if reason:
+                    raise CheckpointError(f"{path}: {reason}")
         logger.warning("%s: ignored %d unexpected tensors, e.g. %s", path, len(unexpected), unexpected[:4])
 
     model.eval()
-    from .cpu_pack import pack_linear_layers, packing_supported
-
-    if int8_lm_head:
-        from .quant.head import quantize_lm_head
-
-        if dtype != torch.float32 or not quantize_lm_head(model):
-            from . import kernels
-
-            raise CheckpointError(f"int8_lm_head needs an fp32 model on the CPU and the CPU kernels "
-                                  f"({kernels.why_unavailable() or 'dtype ' + str(dtype)})")
-    if cpu_packed_weights is None:
-        cpu_packed_weights = all(d.type == "cpu" for d in placement.values()) and packing_supported(dtype)
-    if cpu_packed_weights:
-        pack_linear_layers(model)
-        # A packed model is for inference: frozen parameters let model(ids) run without no_grad().
-        model.requires_grad_(False)
-    if quant_config is not None:
-        from .quant.linear import prepare_quant_layers
-
-        prepare_quant_layers(model, dtype, quant_kernel)
-        model.requires_grad_(False)
+    for t in sorted(transforms, key=lambda t: t.order):
+        t.finish(ctx, model)
     model.name_or_path = str(pretrained_model_name_or_path)
     model.generation_config = _load_generation_config(path)
     return model
@@ -516,14 +495,21 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".qwen-save-", dir=out))
     try:
-        from .quant.loading import is_quantized, quant_state_names, write_quantize_config
+        from .transforms import load_transforms, method
 
+        transforms = load_transforms()
+        for t in transforms:
+            reason = t.refuse_save(model)
+            if reason:
+                raise RuntimeError(reason)
         quant_names: set[str] = set()
-        if is_quantized(model):
-            # GPTQ layout: codes and scales keep their official dtypes; the float rest is fp16 (spec §10).
-            quant_names = quant_state_names(model)
-            dtype = dtype or torch.float16
-            write_quantize_config(model, stage)
+        for t in transforms:
+            # e.g. GPTQ: codes and scales keep their official dtypes; the float rest is fp16 (spec §10).
+            kept = t.saved_state(model)
+            if kept is not None:
+                quant_names |= kept[0]
+                dtype = dtype or kept[1]
+            t.write_files(model, str(stage))
         state = {}
         for name, t in model.state_dict().items():
             if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -565,12 +551,12 @@ def save_model(
         (stage / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
         if model.generation_config is not None:
             model.generation_config.save_pretrained(stage)
-        if tokenizer is None:
-            from .tokenizer import QWenTokenizer
-
-            source = model.name_or_path if model.name_or_path and os.path.isdir(model.name_or_path) else None
-            tokenizer = QWenTokenizer.from_pretrained(source) if source else QWenTokenizer()
-        tokenizer.save_pretrained(str(stage))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(stage))
+        else:  # the tokenizer layer's default (the source checkpoint's tokenizer, else the bundled one)
+            save_default = method("save_default_tokenizer")
+            if save_default is not None:
+                save_default(model, str(stage))
         # Keep the official remote-code files next to the weights when the source had them.
         src = model.name_or_path
         if src and os.path.isdir(src) and os.path.abspath(src) != str(out.resolve()):

@@ -17,11 +17,14 @@ device, or wrapped by peft; ``unpack_linear_layers`` restores plain nn.Linear mo
 from __future__ import annotations
 
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from . import kernels
+from .transforms import LoadTransform
 
 _OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
@@ -133,3 +136,24 @@ def unpack_linear_layers(model: nn.Module) -> nn.Module:
 
 def is_packed(model: nn.Module) -> bool:
     return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+class CpuPackTransform(LoadTransform):
+    """``from_pretrained(..., cpu_packed_weights=None|True|False)`` (registered in qwen/__init__.py): by
+    default fp32 models placed entirely on the CPU get PackedLinear layers, frozen for inference."""
+
+    name = "cpu-pack"
+    options: dict[str, Any] = {"cpu_packed_weights": None}
+    order = 20
+
+    def finish(self, ctx: Any, model: nn.Module) -> None:
+        pack = ctx.options["cpu_packed_weights"]
+        if pack is None:
+            pack = ctx.all_on_cpu and packing_supported(ctx.dtype)
+        if pack:
+            pack_linear_layers(model)
+            # A packed model is for inference: frozen parameters let model(ids) run without no_grad().
+            model.requires_grad_(False)
+
+
+CPU_PACK_TRANSFORM = CpuPackTransform()

@@ -8,12 +8,14 @@ back before the weight; RoPE (rotate-half) runs in fp32; SwiGLU gates w2; only c
 Deliberate differences from the official code (docs/differences.md): RoPE positions count real
 tokens only (left padding does not shift them), multi-token chunks appended to a cache are causally
 masked, and per-sequence state (NTK alpha) lives in the KV cache, not on a module.
-Loading, generation and chat live in checkpoint.py, generate.py and chat.py.
+Loading and generation live in checkpoint.py and generate.py; chat (model.chat/chat_stream) in chat.py,
+attached through qwen/transforms.py. This module is the network only.
 """
 
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -23,6 +25,8 @@ from torch import nn
 
 from .cache import KVCache, KVQuantizer, RowKVCache
 from .config import QWenConfig, ntk_alpha, ntk_base
+from .transforms import decode_step_providers
+from .transforms import method as registered_method
 
 
 @dataclass
@@ -280,22 +284,18 @@ class QWenModel(nn.Module):
 
     def _fused_decoder(self, x: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None,
                        output_hidden_states: bool) -> Any:
-        """The one-call decode step when it computes exactly what the blocks would (else None)."""
-        if (not self.fused_decode or type(cache) is not KVCache or x.shape[0] != 1 or x.shape[1] != 1
-                or x.dtype != torch.float32 or x.device.type != "cpu" or mask is not None or output_hidden_states
-                or self.training or torch.is_grad_enabled() or cache.quantizer is not None or cache.padded
-                or cache.dtype != torch.float32):
-            return None
-        from .kernels import decode
+        """A faster implementation of this decode step from a registered provider (qwen.transforms), or None.
 
-        if not decode.enabled():
+        Providers answer only where they compute exactly what the blocks would (the fused C step of
+        qwen/kernels/decode.py: batch-1 fp32 CPU decode); ``fused_decode = False`` turns them all off.
+        ``self._fused`` is the provider's slot for what it built for this model."""
+        if not self.fused_decode:
             return None
-        if self._fused is None or not self._fused.still_valid():
-            self._fused = decode.FusedDecoder.build(self)
-        if self._fused is None or not all(
-                t.device.type == "cpu" and t.is_contiguous() for t in (*cache.keys, *cache.values)):
-            return None
-        return self._fused
+        for provider in decode_step_providers():
+            step = provider(self, x, cache, mask, output_hidden_states)
+            if step is not None:
+                return step
+        return None
 
     @staticmethod
     def _build_mask(
@@ -445,28 +445,25 @@ class QWenLMHeadModel(nn.Module):
 
         return generate(self, *args, **kwargs)
 
-    def chat(self, tokenizer: Any, query: str, history: Any = None, system: str = "You are a helpful assistant.",
-             **kwargs: Any) -> tuple[str, list]:
-        from .chat import chat
-
-        return chat(self, tokenizer, query, history=history, system=system, **kwargs)
-
-    def chat_stream(self, tokenizer: Any, query: str, history: Any = None,
-                    system: str = "You are a helpful assistant.", **kwargs: Any) -> Iterator[str]:
-        from .chat import chat_stream
-
-        return chat_stream(self, tokenizer, query, history=history, system=system, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        # Methods defined outside the core (model.chat / model.chat_stream from qwen/chat.py), registered
+        # in qwen.transforms: the official API stays on the model without this module importing the chat layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            function = None if name.startswith("_") else registered_method(name)
+            if function is None:
+                raise
+            return types.MethodType(function, self)
 
     @classmethod
     def from_pretrained(cls, path: str, *args: Any, **kwargs: Any) -> "QWenLMHeadModel":
-        from .checkpoint import load_model
-
-        return load_model(path, *args, **kwargs)
+        """qwen.checkpoint.load_model (reached through the registry: checkpoint.py imports this module)."""
+        return registered_method("load_model")(path, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        from .checkpoint import save_model
-
-        save_model(self, save_directory, **kwargs)
+        """qwen.checkpoint.save_model (reached through the registry, as from_pretrained)."""
+        registered_method("save_model")(self, save_directory, **kwargs)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for n, p in self.named_parameters() if not (exclude_embeddings and "wte" in n)}

@@ -934,3 +934,12 @@ class QWenTokenizer:
 
 
 QwenTokenizer = QWenTokenizer
+
+
+def save_default_tokenizer(model: Any, directory: str) -> None:
+    """save_model without a tokenizer (registered in qwen/__init__.py): the tokenizer of the checkpoint the
+    model came from, else the bundled Qwen vocabulary."""
+    source = getattr(model, "name_or_path", None)
+    source = source if source and os.path.isdir(source) else None
+    tokenizer = QWenTokenizer.from_pretrained(source) if source else QWenTokenizer()
+    tokenizer.save_pretrained(directory)

@@ -334,7 +334,7 @@ def test_conversations_official_format(synth: SyntheticSet) -> None:
         n_multi += len(turns) > 2
     assert n_system > 0 and n_multi > 0
     json.dumps(convs, ensure_ascii=False)
-    data = pytest.importorskip("qwen.finetune.data")
+    data = pytest.importorskip("qwen.data")
     if hasattr(data, "read_records"):  # the project's SFT loader reads them as they are
         import tempfile
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from qwen.checkpoint import load_model
 from qwen.config import preset_config
-from qwen.finetune.data import Example
+from qwen.data import Example
 from qwen.finetune.demo.recipe import (SubsetVocabLM, VocabMap, build_compact_model, expand_to_full_vocab, run,
                                        smoke_recipe)
 from qwen.finetune.trainer import token_loss_sum

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwen.chat_template import DEFAULT_SYSTEM, make_context, render_messages
-from qwen.finetune.data import (
+from qwen.data import (
     IGNORE_INDEX,
     DataError,
     Example,

@@ -23,7 +23,7 @@ LOGIT_TOL = 2e-4  # max |difference| / max |logit| over all decode steps
 
 def _quantized_model(bits: int, group: int, act_order: bool = False, rotary_pct: float = 1.0,
                      seq_length: int = 16) -> QWenLMHeadModel:
-    from qwen.quant.bench import _permute_groups
+    from qwen.bench.quant_kernels import _permute_groups
     from qwen.quant.gptq import quantize_model_rtn
     from qwen.quant.layout import GPTQConfig
 

@@ -18,7 +18,7 @@ from qwen.commands import quantize as quantize_cmd
 from qwen.config import preset_config
 from qwen.model import QWenLMHeadModel
 from qwen.quant import GPTQConfig, QuantConfigError, quantize_model
-from qwen.quant.accuracy import demo_texts, perplexity
+from qwen.bench.quant_accuracy import demo_texts, perplexity
 from qwen.quant.gptq import HessianAccumulator, check_quantizable, quantize_gptq, quantize_rtn
 from qwen.quant.linear import quant_linear_layers
 

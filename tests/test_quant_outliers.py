@@ -32,7 +32,7 @@ import torch
 
 from qwen import AutoModelForCausalLM, AutoTokenizer, kernels
 from qwen.quant import GPTQConfig, quantize_model
-from qwen.quant.accuracy import demo_texts
+from qwen.bench.quant_accuracy import demo_texts
 from qwen.quant.linear import prepare_quant_layers, quant_linear_layers
 from qwen.quant.outliers import add_outlier_channels
 

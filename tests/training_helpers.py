@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from qwen.config import preset_config
-from qwen.finetune.data import Example
+from qwen.data import Example
 from qwen.finetune.trainer import TrainConfig
 from qwen.model import QWenLMHeadModel
 

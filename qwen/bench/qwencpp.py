@@ -128,7 +128,7 @@ def run_worker(args: Any) -> dict[str, Any]:
 
     from ..config import preset_config
     from ..tokenizer import bundled_vocab_path
-    from .core import measure
+    from .common import measure
 
     if args.dtype != "float32":
         raise ValueError("the qwen.cpp comparison starts from float32 weights (GGML f32, q8_0, q4_0)")
@@ -177,7 +177,7 @@ if __name__ == "__main__":  # python -m qwen.bench.qwencpp OUT PRESET SEED OVERR
     import json
     import sys
 
-    from .core import build_model
+    from .common import build_model
 
     out, preset, seed, overrides = sys.argv[1:5]
     write_ggml(build_model(preset, int(seed), "float32", json.loads(overrides)), out,

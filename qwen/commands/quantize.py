@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..finetune.data import DataError
+    from ..data import DataError
     from ..hub import ModelNotFoundError
     from ..quant.layout import GPTQConfig, QuantConfigError
 

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag} is required")
 
     from ..finetune.checkpoints import CheckpointError
-    from ..finetune.data import DataError
+    from ..data import DataError
     from ..finetune.run import FinetuneOptions, finetune
 
     train = dict(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, CheckpointError
+from ..transforms import LoadTransform
 
 if TYPE_CHECKING:  # pragma: no cover
     import peft
@@ -522,3 +523,22 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
 __all__ = ["LoraSettings", "apply_lora", "save_adapter", "load_adapter", "load_adapter_checkpoint", "merge_adapter",
            "check_merge_base", "is_chat_model", "make_peft_compatible", "resolve_base_model_path",
            "trainable_parameter_counts"]
+
+
+class LoraAdapterTransform(LoadTransform):
+    """``load_model(adapter_dir)`` for a directory holding adapter_config.json and no config.json
+    (registered in qwen/__init__.py): load the base and merge (or wrap, for Q-LoRA) the adapter."""
+
+    name = "lora-adapter"
+
+    def load_instead(self, path: str, kwargs: dict[str, Any]) -> nn.Module | None:
+        if os.path.exists(os.path.join(path, CONFIG_NAME)) or not os.path.exists(os.path.join(path, "adapter_config.json")):
+            return None
+        from ..quant.bnb import pop_bnb_settings
+
+        # load_in_4bit/8bit on a Q-LoRA adapter: its base is quantized that way, the adapter applied unmerged.
+        bnb = pop_bnb_settings(kwargs)
+        return load_adapter_checkpoint(path, **kwargs) if bnb is None else load_adapter_checkpoint(path, bnb=bnb, **kwargs)
+
+
+LORA_ADAPTER_TRANSFORM = LoraAdapterTransform()

@@ -44,7 +44,7 @@ def finetune(opts: FinetuneOptions) -> TrainResult:
     """Load, tokenize (all problems reported before training starts), train, save."""
     from ..checkpoint import load_model
     from ..tokenizer import QWenTokenizer
-    from .data import load_dataset
+    from ..data import load_dataset
     from .distributed import init_distributed, shutdown
 
     if opts.method not in ("full", "lora", "qlora"):

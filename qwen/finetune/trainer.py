@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoints as ckpt
-from .data import IGNORE_INDEX, Example, collate
+from ..data import IGNORE_INDEX, Example, collate
 from .distributed import DistEnv, all_reduce_sum, any_rank, barrier
 
 

@@ -157,3 +157,25 @@ class FusedDecoder:
             self.rot_dim, cache.capacity, cache.length, cos.data_ptr(), sin.data_ptr(), logn, self.eps,
             torch.get_num_threads())
         return out.reshape(1, 1, self.hidden)
+
+
+def fused_decode_step(model: nn.Module, x: torch.Tensor, cache: Any, mask: torch.Tensor | None,
+                      output_hidden_states: bool) -> FusedDecoder | None:
+    """The decode-step provider QWenModel.forward calls (registered in qwen/__init__.py): this model's
+    FusedDecoder where it computes exactly what the blocks would, else None. Built once per model and
+    kept in ``model._fused`` (rebuilt when a block changed)."""
+    from ..cache import KVCache
+
+    if (type(cache) is not KVCache or x.shape[0] != 1 or x.shape[1] != 1 or x.dtype != torch.float32
+            or x.device.type != "cpu" or mask is not None or output_hidden_states or model.training
+            or torch.is_grad_enabled() or cache.quantizer is not None or cache.padded
+            or cache.dtype != torch.float32):
+        return None
+    if not enabled():
+        return None
+    if model._fused is None or not model._fused.still_valid():
+        model._fused = FusedDecoder.build(model)
+    if model._fused is None or not all(
+            t.device.type == "cpu" and t.is_contiguous() for t in (*cache.keys, *cache.values)):
+        return None
+    return model._fused

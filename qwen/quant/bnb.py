@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..transforms import LoadTransform
+
 QUANTIZED_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
 
@@ -106,3 +108,22 @@ def quantize_with_bitsandbytes(model: nn.Module, settings: BnbSettings) -> nn.Mo
     # LoRA classes (otherwise Linear4bit, an nn.Linear subclass, would get the plain one; see Q-LoRA).
     setattr(model, "is_loaded_in_4bit" if settings.bits == 4 else "is_loaded_in_8bit", True)
     return model
+
+
+class BnbTransform(LoadTransform):
+    """``from_pretrained(..., load_in_4bit=True | load_in_8bit=True | quantization_config=BitsAndBytesConfig)``
+    (registered in qwen/__init__.py): load the float model with plain nn.Linear layers, then replace them."""
+
+    name = "bitsandbytes"
+
+    def load_instead(self, path: str, kwargs: dict[str, Any]) -> nn.Module | None:
+        bnb = pop_bnb_settings(kwargs)  # (adapter directories never get here: the LoRA transform runs first)
+        if bnb is None:
+            return None
+        from ..checkpoint import load_model
+
+        kwargs["cpu_packed_weights"] = False  # bitsandbytes replaces plain nn.Linear layers
+        return quantize_with_bitsandbytes(load_model(path, **kwargs), bnb)
+
+
+BNB_TRANSFORM = BnbTransform()

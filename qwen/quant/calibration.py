@@ -2,7 +2,7 @@
 
 run_gptq.py takes the fine-tuning data format (a JSON list of ``{"conversations": [...]}``),
 renders each sample with finetune.py's ChatML preprocessing, truncates it to ``max_len`` and keeps
-only the input ids. We reuse the fine-tuning reader (qwen/finetune/data.py), so every format
+only the input ids. We reuse the fine-tuning reader (qwen/data.py), so every format
 ``qwen train`` accepts works here too: the official SFT JSON (rendered with the official
 preprocessing), JSONL chats or ``{"text": ...}`` documents, and plain text (documents concatenated
 with <|endoftext|> and cut into ``max_len``-token blocks).
@@ -32,7 +32,7 @@ def load_calibration(path: str | os.PathLike[str] | None, tokenizer: Any, max_le
 
     ``path=None`` reads the built-in set (DEFAULT_CALIBRATION): one sequence per sample, in file order
     (documents are not packed together, so any prefix keeps the mix of kinds and languages)."""
-    from ..finetune.data import encode_chat, encode_text, read_records, tokenize_records
+    from ..data import encode_chat, encode_text, read_records, tokenize_records
 
     if path is None:
         rows = []

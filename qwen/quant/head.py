@@ -12,10 +12,13 @@ training or evaluation) rebuild fp32 panels of the weight in C and run the fp32 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .. import kernels
+from ..transforms import LoadTransform
 from ..kernels import QuantizedRows
 
 GROUP = 128
@@ -64,3 +67,23 @@ def quantize_lm_head(model: nn.Module) -> bool:
         return False
     model.lm_head = Int8Head(weight)  # a tied table stays in float for the embedding lookup
     return True
+
+
+class Int8HeadTransform(LoadTransform):
+    """``from_pretrained(..., int8_lm_head=True)`` (registered in qwen/__init__.py)."""
+
+    name = "int8-lm-head"
+    options = {"int8_lm_head": False}
+    order = 10  # before CPU packing, which would otherwise repack the float head
+
+    def finish(self, ctx: Any, model: nn.Module) -> None:
+        if not ctx.options["int8_lm_head"]:
+            return
+        if ctx.dtype != torch.float32 or not quantize_lm_head(model):
+            from ..checkpoint import CheckpointError
+
+            raise CheckpointError(f"int8_lm_head needs an fp32 model on the CPU and the CPU kernels "
+                                  f"({kernels.why_unavailable() or 'dtype ' + str(ctx.dtype)})")
+
+
+INT8_HEAD_TRANSFORM = Int8HeadTransform()

@@ -24,6 +24,7 @@ from .layout import (
     effective_group_size,
     load_quant_config,
 )
+from ..transforms import LoadTransform
 from .linear import QuantLinear, quant_linear_layers
 
 
@@ -114,5 +115,58 @@ def write_quantize_config(model: nn.Module, directory: str | os.PathLike) -> Non
         f.write("\n")
 
 
-__all__ = ["read_checkpoint_quant_config", "install_quant_layers", "quant_load_targets", "check_quant_tensor",
+__all__ = ["GPTQ_TRANSFORM", "read_checkpoint_quant_config", "install_quant_layers", "quant_load_targets", "check_quant_tensor",
            "finish_quant_load", "is_quantized", "quant_state_names", "write_quantize_config"]
+
+
+_GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class GPTQTransform(LoadTransform):
+    """load_model/save_model for GPTQ checkpoints (registered in qwen/__init__.py; see qwen/transforms.py)."""
+
+    name = "gptq"
+    options = {"quant_kernel": "auto"}
+    order = 30  # prepares the kernels last, after the int8 head and CPU packing
+
+    def configure(self, ctx: Any) -> None:
+        if not ctx.config.quantization_config:
+            return
+        ctx.state["gptq"] = read_checkpoint_quant_config(ctx.path, ctx.config.quantization_config)
+        if ctx.placement["transformer.wte"].type == "cpu" and not ctx.state.get("dtype_given"):
+            ctx.dtype = torch.float32  # GPTQ configs ask for fp16, which CPUs cannot compute with at any useful speed
+
+    def install(self, ctx: Any, model: nn.Module) -> None:
+        if "gptq" in ctx.state:
+            install_quant_layers(model, ctx.state["gptq"])
+
+    def load_targets(self, ctx: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+        return quant_load_targets(model) if "gptq" in ctx.state else {}
+
+    def check_tensor(self, ctx: Any, file: str, name: str, dtype: torch.dtype) -> None:
+        check_quant_tensor(file, name, dtype)
+
+    def after_tensors(self, ctx: Any, model: nn.Module, loaded: set[str]) -> set[str]:
+        return finish_quant_load(model, loaded, ctx.path) if "gptq" in ctx.state else set()
+
+    def explain_unexpected(self, ctx: Any, names: list[str]) -> str | None:
+        if "gptq" not in ctx.state and any(n.endswith(_GPTQ_SUFFIXES) for n in names):
+            return "holds GPTQ tensors but config.json has no quantization_config"
+        return None
+
+    def finish(self, ctx: Any, model: nn.Module) -> None:
+        if "gptq" in ctx.state:
+            from .linear import prepare_quant_layers
+
+            prepare_quant_layers(model, ctx.dtype, ctx.options["quant_kernel"])
+            model.requires_grad_(False)
+
+    def saved_state(self, model: nn.Module) -> tuple[set[str], torch.dtype] | None:
+        return (quant_state_names(model), torch.float16) if is_quantized(model) else None
+
+    def write_files(self, model: nn.Module, directory: str) -> None:
+        if is_quantized(model):
+            write_quantize_config(model, directory)
+
+
+GPTQ_TRANSFORM = GPTQTransform()

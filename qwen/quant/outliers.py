@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from ..auto import AutoModelForCausalLM, AutoTokenizer
+    from ..checkpoint import load_model
+    from ..tokenizer import QWenTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, cpu_packed_weights=False, fp32=True, progress=False)
+    tokenizer = QWenTokenizer.from_pretrained(args.model)
+    model = load_model(args.model, cpu_packed_weights=False, fp32=True, progress=False)
     try:
         report = add_outlier_channels(model, args.factor, args.channels, args.kinds, args.layers,
                                       not args.per_layer_channels, args.seed)

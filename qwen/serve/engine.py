@@ -142,6 +142,9 @@ class _Prefill:
 class Engine:
     """Continuous batching over a QWenLMHeadModel. Start it, ``submit`` requests, ``stop`` it."""
 
+    # Callers holding an engine (ChatSession) build requests as engine.Params(...), without importing this module.
+    Params = RequestParams
+
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 16, max_batched_tokens: int = 4096,
                  max_queue: int = 256, max_model_len: int | None = None, batch_prefill: bool = True,
                  prefill_chunk: int | None = None) -> None:

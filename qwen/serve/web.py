@@ -90,6 +90,8 @@ class _StoppableEngine:
     saw stays in the history the model sees next.
     """
 
+    Params = Engine.Params  # what ChatSession builds its requests with
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._request: Any = None

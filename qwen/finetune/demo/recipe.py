@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ...config import QWenConfig, preset_config
 from ...model import QWenLMHeadModel
-from ..data import IGNORE_INDEX, Example, Record, tokenize_records
+from ...data import IGNORE_INDEX, Example, Record, tokenize_records
 from ..trainer import TrainConfig, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

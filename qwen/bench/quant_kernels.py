@@ -1,7 +1,7 @@
 """Batch-1 decode speed of float32 vs GPTQ int8/int4 layers on the CPU, on a random model.
 
-    python -m qwen.quant.bench --preset qwen-1.8b            # all variants, one subprocess each
-    python -m qwen.quant.bench --preset qwen-300m --variants fp32 int4-g128
+    python -m qwen.bench.quant_kernels --preset qwen-1.8b            # all variants, one subprocess each
+    python -m qwen.bench.quant_kernels --preset qwen-300m --variants fp32 int4-g128
 
 Each variant runs in its own process (clean peak RSS): build the preset with random weights
 (seed 0), round-to-nearest quantize the block linears (the kernels do not care how the codes were
@@ -42,9 +42,9 @@ def _worker(variant: str, preset: str, prompt_len: int, new_tokens: int, repeats
     from ..cpu_pack import pack_linear_layers
     from ..generate import generate
     from ..model import QWenLMHeadModel
-    from .gptq import quantize_model_rtn
-    from .layout import GPTQConfig
-    from .linear import prepare_quant_layers, quant_linear_layers
+    from ..quant.gptq import quantize_model_rtn
+    from ..quant.layout import GPTQConfig
+    from ..quant.linear import prepare_quant_layers, quant_linear_layers
 
     bits, group_size, kernel = VARIANTS[variant]
     if group_override is not None and group_size > 0:
@@ -115,8 +115,8 @@ def _permute_groups(model: Any) -> None:
     """Give every layer an act-order style g_idx (a permutation) with the same codes, to time that path."""
     import torch
 
-    from .layout import pack_rows, unpack_rows
-    from .linear import quant_linear_layers
+    from ..quant.layout import pack_rows, unpack_rows
+    from ..quant.linear import quant_linear_layers
 
     gen = torch.Generator().manual_seed(0)
     for _, layer in quant_linear_layers(model):
@@ -127,7 +127,7 @@ def _permute_groups(model: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen.quant.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m qwen.bench.quant_kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen-1.8b", help="model shape (qwen/config.py presets)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for variant in args.variants:
-        cmd = [sys.executable, "-m", "qwen.quant.bench", "--worker", variant, "--preset", args.preset,
+        cmd = [sys.executable, "-m", "qwen.bench.quant_kernels", "--worker", variant, "--preset", args.preset,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats)] + (["--group-size", str(args.group_size)] if args.group_size else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})

@@ -1,9 +1,9 @@
 """The quantization accuracy table: held-out perplexity of one model under every weight format, with the
 KV cache in float and in int8 (the model cards' quantization table, on a model we can ship).
 
-    python -m qwen.quant.accuracy                       # the embedded demo model
-    python -m qwen.quant.accuracy --model DIR --json table.json
-    python -m qwen.quant.accuracy --outliers 50 3      # the same model with 3 norm channels scaled 50x
+    python -m qwen.bench.quant_accuracy                       # the embedded demo model
+    python -m qwen.bench.quant_accuracy --model DIR --json table.json
+    python -m qwen.bench.quant_accuracy --outliers 50 3      # the same model with 3 norm channels scaled 50x
 
 Rows: float32, RTN and GPTQ int8 / int4 (GPTQ with act-order; official AutoGPTQ layout, group size
 ``--group-size``), float32 and GPTQ int4 with ``int8_lm_head``, bitsandbytes NF4 and LLM.int8 (when
@@ -72,7 +72,7 @@ def _with_kv(model: Any, mode: str) -> Any:
 
 def build_rows(base: Any, calibration: list[torch.Tensor], group_size: int) -> dict[str, Any]:
     """{label: model} for every weight format (quantized copies of ``base``)."""
-    from . import GPTQConfig, quantize_model
+    from ..quant import GPTQConfig, quantize_model
 
     rows: dict[str, Any] = {"float32": base}
     for label, method, bits in (("RTN int8", "rtn", 8), ("GPTQ int8", "gptq", 8), ("RTN int4", "rtn", 4),
@@ -81,14 +81,14 @@ def build_rows(base: Any, calibration: list[torch.Tensor], group_size: int) -> d
         quantize_model(model, GPTQConfig(bits=bits, group_size=group_size, desc_act=method == "gptq"), method,
                        calibration, progress=False)
         rows[label] = model
-    from .head import quantize_lm_head
+    from ..quant.head import quantize_lm_head
 
     for label in ("float32", "GPTQ int4"):
         model = copy.deepcopy(rows[label])
         if quantize_lm_head(model):  # needs the CPU kernels
             rows[f"{label} + int8 lm_head"] = model
     try:
-        from .bnb import BnbSettings, quantize_with_bitsandbytes
+        from ..quant.bnb import BnbSettings, quantize_with_bitsandbytes
 
         for label, settings in (("bnb NF4", BnbSettings(bits=4, quant_type="nf4")), ("bnb int8", BnbSettings(bits=8))):
             model = quantize_with_bitsandbytes(copy.deepcopy(base), settings)
@@ -105,8 +105,8 @@ def outlier_table(base: Any, calibration: list[torch.Tensor], evaluation: list[t
     Columns: ``prefill`` (each text in one forward: the prefill kernels), ``chunks`` (16 tokens at a
     time through the KV cache: the few-row kernels), each with the default kernels and with
     ``quant_kernel="dequant"`` (the same weights, exact matmuls), and fbgemm's opt-in per-tensor int8."""
-    from .linear import prepare_quant_layers
-    from .outliers import add_outlier_channels
+    from ..quant.linear import prepare_quant_layers
+    from ..quant.outliers import add_outlier_channels
 
     model = copy.deepcopy(base)
     add_outlier_channels(model, factor=factor, channels=channels, kinds=kinds)
@@ -114,7 +114,7 @@ def outlier_table(base: Any, calibration: list[torch.Tensor], evaluation: list[t
                                           "float32 (outliers)": {"prefill": perplexity(model, evaluation)}}
     for label, (method, bits) in {"RTN int8": ("rtn", 8), "GPTQ int8": ("gptq", 8), "RTN int4": ("rtn", 4),
                                   "GPTQ int4": ("gptq", 4)}.items():
-        from . import GPTQConfig, quantize_model
+        from ..quant import GPTQConfig, quantize_model
 
         q = copy.deepcopy(model)
         quantize_model(q, GPTQConfig(bits=bits, group_size=group_size, desc_act=method == "gptq"), method,
@@ -133,7 +133,7 @@ def outlier_table(base: Any, calibration: list[torch.Tensor], evaluation: list[t
 def main(argv: list[str] | None = None) -> int:
     from .. import AutoModelForCausalLM, AutoTokenizer
 
-    p = argparse.ArgumentParser(prog="python -m qwen.quant.accuracy", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m qwen.bench.quant_accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen-demo", help="checkpoint directory (default: the demo model)")
     p.add_argument("--group-size", type=int, default=-1,
