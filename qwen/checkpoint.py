@@ -370,8 +370,8 @@ def load_model(
     placement = plan_device_map(config, device_map, torch.float32)
     main_device = placement["transformer.wte"]
     ctx = LoadContext(path=path, config=config, options=options, placement=placement,
-                      dtype=resolve_dtype(config, main_device, torch_dtype, bf16, fp16, fp32))
-    ctx.state["dtype_given"] = torch_dtype is not None or bf16 or fp16 or fp32
+                      dtype=resolve_dtype(config, main_device, torch_dtype, bf16, fp16, fp32),
+                      dtype_given=torch_dtype is not None or bf16 or fp16 or fp32)
     for t in transforms:
         t.configure(ctx)
     if ctx.dtype != torch.float32 and str(device_map) == "auto":

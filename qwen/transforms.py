@@ -37,6 +37,7 @@ class LoadContext:
     config: Any
     options: dict[str, Any]
     dtype: Any = None
+    dtype_given: bool = False  # the caller asked for a dtype (torch_dtype, bf16, fp16, fp32)
     placement: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
 

@@ -133,7 +133,7 @@ class GPTQTransform(LoadTransform):
         if not ctx.config.quantization_config:
             return
         ctx.state["gptq"] = read_checkpoint_quant_config(ctx.path, ctx.config.quantization_config)
-        if ctx.placement["transformer.wte"].type == "cpu" and not ctx.state.get("dtype_given"):
+        if ctx.placement["transformer.wte"].type == "cpu" and not ctx.dtype_given:
             ctx.dtype = torch.float32  # GPTQ configs ask for fp16, which CPUs cannot compute with at any useful speed
 
     def install(self, ctx: Any, model: nn.Module) -> None:
