@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("qwen.commands.quantize", "GPTQ or round-to-nearest int4/int8 quantization in the official AutoGPTQ layout"),
     "serve": ("qwen.commands.serve", "OpenAI-compatible API server with continuous batching"),
     "web": ("qwen.commands.web", "Gradio chat page in the browser (127.0.0.1, no analytics, never shared)"),
+    "eval": ("qwen.commands.eval", "MMLU / C-Eval / CMMLU scored as the official eval scripts do (resumable)"),
     "bench": ("qwen.bench.core", "decode/prefill speed and memory, side by side with transformers"),
 }
 

@@ -22,7 +22,7 @@ LAYERS = [
     ("quant", ["qwen.quant", "qwen.kernels.decode"]),
     ("training", ["qwen.finetune", "qwen.interop"]),
     ("serving", ["qwen.serve"]),
-    ("tools", ["qwen.bench", "qwen.demos", "qwen.commands", "qwen.auto", "qwen.cli", "qwen.__main__", "qwen"]),
+    ("tools", ["qwen.bench", "qwen.eval", "qwen.demos", "qwen.commands", "qwen.auto", "qwen.cli", "qwen.__main__", "qwen"]),
 ]
 CORE_MUST_NOT_IMPORT = ("qwen.quant", "qwen.kernels", "qwen.finetune", "qwen.serve", "qwen.chat", "qwen.tokenizer",
                         "qwen.cpu_pack")
