@@ -220,3 +220,44 @@ def test_eval_command(data, tmp_path, capsys) -> None:  # type: ignore[no-untype
     assert eval_cmd.main(["--model", "qwen-demo", "--task", "mmlu", "--data", str(data["mmlu"]), "--output", str(out),
                           "--no-progress"]) == 1  # the fixture has 2 of the 57 subjects: the first missing file is named
     assert "mmlu/dev/astronomy_dev.csv: no such file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- perplexity
+def test_perplexity_by_length_and_settings(demo, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Windows below seq_length: every setting gives the same number (alpha 1, LogN 1); beyond it NTK
+    and LogN change the result; the value equals a hand computation on the full logits."""
+    from qwen.bench.quant_accuracy import demo_texts
+    from qwen.eval.perplexity import perplexity_by_length, window_nll
+
+    model, tok = demo
+    _, texts = demo_texts(tok)
+    tokens = torch.cat(texts).tolist()
+    seq = model.config.seq_length
+    flags = (model.config.use_dynamic_ntk, model.config.use_logn_attn)
+    short = perplexity_by_length(model, tokens, [64], windows=2, progress=False)
+    values = list(short["perplexity"][s][64] for s in ("plain", "ntk", "ntk+logn"))
+    assert values[0] == pytest.approx(values[1]) == pytest.approx(values[2])
+    w = torch.tensor(tokens[:64])
+    with torch.no_grad():
+        logits = model(w[None]).logits[0, :-1].float()
+    nll, n = window_nll(model, w)
+    assert n == 63 and nll == pytest.approx(float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")),
+                                            rel=1e-5)
+    long_len = seq + 256
+    if len(tokens) >= long_len:
+        long = perplexity_by_length(model, tokens, [long_len], windows=1, progress=False)["perplexity"]
+        assert long["plain"][long_len] != pytest.approx(long["ntk"][long_len])
+        assert long["ntk"][long_len] != pytest.approx(long["ntk+logn"][long_len])
+    assert (model.config.use_dynamic_ntk, model.config.use_logn_attn) == flags  # restored after the runs
+    text = tmp_path / "t.txt"
+    text.write_text(tok.decode(tokens[:400]), encoding="utf-8")
+    out = tmp_path / "ppl"
+    assert eval_cmd.main(["--model", "qwen-demo", "--task", "ppl", "--data", str(text), "--lengths", "32", "64",
+                          "--windows", "2", "--output", str(out), "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("| setting | 32 | 64 |") and "| ntk+logn |" in shown
+    saved = json.loads((out / "results-ppl.json").read_text())
+    assert saved["windows"] == {"32": 2, "64": 2}
+    assert eval_cmd.main(["--model", "qwen-demo", "--task", "ppl", "--data", str(text), "--lengths", "100000",
+                          "--output", str(out), "--no-progress"]) == 1
+    assert "not one window of 100000" in capsys.readouterr().err
