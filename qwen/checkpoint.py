@@ -454,14 +454,19 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool = True, **tqdm_options: Any) -> Any:
+    """A tqdm bar (``update``/``close``), or one that does nothing when disabled or tqdm is not installed."""
     if not enabled:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None)
+    return tqdm(total=total, desc=desc, **tqdm_options)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    return progress_bar(total, desc, enabled, unit="tensor", leave=False, disable=None)
 
 
 # ---------------------------------------------------------------------------------------------- save

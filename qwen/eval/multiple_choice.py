@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..checkpoint import progress_bar
 from .subjects import CEVAL_HARD, CEVAL_SUBJECTS, CMMLU_SUBCATEGORIES, MMLU_CATEGORIES, cmmlu_category_subjects
 
 CHOICES = ("A", "B", "C", "D")
@@ -337,7 +338,7 @@ def run(model: Any, tokenizer: Any, task: str, data: str | os.PathLike, output: 
     loaded = {s: (read_items(spec, spec.file(root, "dev", s)) if shots else [],
                   read_items(spec, spec.file(root, spec.score_split, s))[:limit]) for s in names}
     total = sum(len(items) for _, items in loaded.values())
-    bar = _bar(total, f"{task}", progress)
+    bar = progress_bar(total, task, progress, unit="item")
     start = time.perf_counter()
     per_subject = {}
     for s, (dev, items) in loaded.items():
@@ -354,24 +355,6 @@ def run(model: Any, tokenizer: Any, task: str, data: str | os.PathLike, output: 
     os.replace(tmp, out / f"results-{task}.json")
     (out / f"results-{task}.md").write_text(markdown_table([result]), encoding="utf-8")
     return result
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="item")
 
 
 __all__ = ["TASKS", "SPECS", "Item", "EvalDataError", "read_items", "format_item", "few_shot_prefix",

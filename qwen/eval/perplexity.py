@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..checkpoint import progress_bar
+
 SETTINGS = {"plain": (False, False), "ntk": (True, False), "ntk+logn": (True, True)}
 _HEAD_ROWS = 256
 
@@ -76,7 +78,7 @@ def perplexity_by_length(model: Any, tokens: Sequence[int], lengths: Sequence[in
             raise PerplexityDataError(f"the text has {len(ids)} tokens: not one window of {length}")
         plan[length] = [ids[k * length : (k + 1) * length] for k in range(n)]
     total = sum(len(w) for w in plan.values()) * len(settings)
-    bar = _bar(total, progress)
+    bar = progress_bar(total, "ppl", progress, unit="window")
     table: dict[str, dict[int, float]] = {}
     try:
         for name in settings:
@@ -102,24 +104,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     for name, row in result["perplexity"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[L]:.2f}" if L in row else "" for L in lengths) + " |")
     return "\n".join(lines) + "\n"
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="ppl", unit="window")
 
 
 __all__ = ["SETTINGS", "PerplexityDataError", "read_text_tokens", "window_nll", "perplexity_by_length",

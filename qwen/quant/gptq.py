@@ -256,12 +256,9 @@ class _StopForward(Exception):
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from ..checkpoint import _progress as checkpoint_progress
+    from ..checkpoint import progress_bar
 
-    bar = checkpoint_progress(total=total, desc=desc, enabled=enabled)
-    if hasattr(bar, "unit"):
-        bar.unit = "layer"
-    return bar
+    return progress_bar(total, desc, enabled, unit="layer", leave=False, disable=None)
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
