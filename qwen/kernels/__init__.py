@@ -33,6 +33,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -299,26 +300,35 @@ class QuantizedRows:
                                  out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
         return out
 
+    def panels(self, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(n0, n1, W[n0:n1]) in ``dtype``: the whole weight while it has at most PANEL_ELEMENTS, else panels
+        of that size, each rebuilt by ``dense`` into one per-thread buffer (valid until the next panel)."""
+        k, n = self.in_features, self.out_features
+        rows = n if n * k <= PANEL_ELEMENTS else max(4, PANEL_ELEMENTS // k // 4 * 4)
+        buf = _panel_buffer(rows * k, dtype).view(rows, k)
+        for n0 in range(0, n, rows):
+            n1 = min(n0 + rows, n)
+            yield n0, n1, self.dense(n0, n1, dtype, buf[: n1 - n0])
+
     def matmul(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x [..., K] @ W^T + bias for many rows (prefill): W is rebuilt a panel of rows at a time by
-        ``dense`` and multiplied by the GEMM library in ``dtype`` (default ``prefill_dtype()``).
+        """x [..., K] @ W^T + bias for many rows (prefill): the GEMM library in ``dtype`` (default
+        ``prefill_dtype()``) on the weight rebuilt by ``panels``.
 
         The activations are not quantized: bf16 rounds each element (relative 2^-9, whatever the other
         elements hold, so outlier channels cost nothing) and fp32 is exact up to summation order."""
-        k, n = self.in_features, self.out_features
-        x2 = _check_input(x, k)
-        dtype = dtype or prefill_dtype()
-        xd = x2.to(dtype)
-        rows = n if n * k <= PANEL_ELEMENTS else max(4, PANEL_ELEMENTS // k // 4 * 4)
-        buf = _panel_buffer(min(rows, n) * k, dtype).view(min(rows, n), k)
-        if rows >= n:
-            y = torch.nn.functional.linear(xd, self.dense(0, n, dtype, buf)).float()
-        else:
-            y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-            for n0 in range(0, n, rows):
-                n1 = min(n0 + rows, n)
-                w = self.dense(n0, n1, dtype, buf[: n1 - n0])
-                y[:, n0:n1] = torch.nn.functional.linear(xd, w)
+        n = self.out_features
+        x2 = _check_input(x, self.in_features)
+        xd = x2.to(dtype or prefill_dtype())
+        y = None
+        for n0, n1, w in self.panels(xd.dtype):
+            part = torch.nn.functional.linear(xd, w)
+            if n1 - n0 == n:  # one panel: no copy into a preallocated output
+                y = part.float()
+                break
+            if y is None:
+                y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+            y[:, n0:n1] = part
+        assert y is not None
         if self.bias is not None:
             y += self.bias
         return y.reshape(*x.shape[:-1], n)

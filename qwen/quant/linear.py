@@ -488,14 +488,10 @@ class QuantLinear(nn.Module):
 
     def _grad_input_rows(self, gy: torch.Tensor) -> torch.Tensor:
         """dL/dx from our kernels' codes: exact fp32 panels of W (in group order) rebuilt in C."""
-        from .. import kernels
-
         rows, perm = self._runtime["gemv"], self._runtime["gemv_perm"]
-        step = max(4, kernels.PANEL_ELEMENTS // self.in_features // 4 * 4)
         gx = torch.zeros(gy.shape[0], self.in_features, dtype=torch.float32)
-        for n0 in range(0, self.out_features, step):
-            n1 = min(n0 + step, self.out_features)
-            gx.addmm_(gy[:, n0:n1], rows.dense(n0, n1, torch.float32))
+        for n0, n1, w in rows.panels(torch.float32):
+            gx.addmm_(gy[:, n0:n1], w)
         if perm is not None:
             gx = gx.index_select(1, torch.argsort(perm))
         return gx
