@@ -46,6 +46,14 @@ def _weight(module: nn.Module, what: str) -> torch.Tensor:
     return weight.data
 
 
+def _scale_outputs(module: nn.Module, rows: torch.Tensor, factor: float, what: str) -> None:
+    """Output channels ``rows`` of a norm or linear (its bias too) times ``factor``."""
+    _weight(module, what)[rows] *= factor
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias.data[rows] *= factor
+
+
 @torch.no_grad()
 def add_outlier_channels(model: nn.Module, factor: float = 50.0, channels: int = 3,
                          kinds: Sequence[str] = ("norm",), layers: Iterable[int] | None = None,
@@ -74,26 +82,21 @@ def add_outlier_channels(model: nn.Module, factor: float = 50.0, channels: int =
         attn, mlp = block.attn, block.mlp
         if "norm" in kinds:
             c = hidden_channels if same_channels else _pick(cfg.hidden_size, channels, gen)
-            _weight(block.ln_1, f"h.{i}.ln_1")[c] *= factor
+            _scale_outputs(block.ln_1, c, factor, f"h.{i}.ln_1")
             _weight(attn.c_attn, f"h.{i}.attn.c_attn")[:, c] /= factor
-            _weight(block.ln_2, f"h.{i}.ln_2")[c] *= factor
+            _scale_outputs(block.ln_2, c, factor, f"h.{i}.ln_2")
             _weight(mlp.w1, f"h.{i}.mlp.w1")[:, c] /= factor
             _weight(mlp.w2, f"h.{i}.mlp.w2")[:, c] /= factor
             report[f"h.{i}.norm"] = c.tolist()
         if "value" in kinds:
             proj = cfg.num_attention_heads * cfg.head_dim  # the value slice of c_attn
             c = _pick(proj, channels, gen)
-            rows = 2 * proj + c
-            _weight(attn.c_attn, f"h.{i}.attn.c_attn")[rows] *= factor
-            if attn.c_attn.bias is not None:
-                attn.c_attn.bias.data[rows] *= factor
+            _scale_outputs(attn.c_attn, 2 * proj + c, factor, f"h.{i}.attn.c_attn")
             _weight(attn.c_proj, f"h.{i}.attn.c_proj")[:, c] /= factor
             report[f"h.{i}.value"] = c.tolist()
         if "mlp" in kinds:
             c = _pick(cfg.ffn_hidden_size, channels, gen)
-            _weight(mlp.w1, f"h.{i}.mlp.w1")[c] *= factor
-            if mlp.w1.bias is not None:
-                mlp.w1.bias.data[c] *= factor
+            _scale_outputs(mlp.w1, c, factor, f"h.{i}.mlp.w1")
             _weight(mlp.c_proj, f"h.{i}.mlp.c_proj")[:, c] /= factor
             report[f"h.{i}.mlp"] = c.tolist()
     if "head" in kinds:
@@ -103,7 +106,7 @@ def add_outlier_channels(model: nn.Module, factor: float = 50.0, channels: int =
             model.config.tie_word_embeddings = False
             report["untied"] = []
         c = hidden_channels if same_channels else _pick(cfg.hidden_size, channels, gen)
-        _weight(model.transformer.ln_f, "ln_f")[c] *= factor
+        _scale_outputs(model.transformer.ln_f, c, factor, "ln_f")
         _weight(model.lm_head, "lm_head")[:, c] /= factor
         report["head"] = c.tolist()
     return report
