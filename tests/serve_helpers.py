@@ -1,4 +1,5 @@
-"""A real uvicorn server on loopback in a background thread, and a scripted model for the engine."""
+"""A real uvicorn server on loopback in a background thread, a scripted model for the engine, and
+requests submitted to an engine together."""
 
 from __future__ import annotations
 
@@ -74,3 +75,25 @@ class ScriptedQwen(QWenLMHeadModel):
         logits[..., token] = 10.0
         out.logits = logits
         return out
+
+
+def submit_together(engine: Any, prompts: list[list[int]], params: Any, timeout: float = 120) -> list[list[int]]:
+    """Each prompt's generated tokens, the prompts submitted while holding the engine's lock, so that
+    they all wait in the queue and the worker admits them in one iteration (the lock is re-entrant,
+    submit takes it too)."""
+    done = threading.Semaphore(0)
+    outputs: list[list[int]] = [[] for _ in prompts]
+
+    def collect(i: int) -> Callable[[Any], None]:
+        def on_event(ev: Any) -> None:
+            outputs[i].extend(ev.token_ids)
+            if ev.finish_reason is not None:
+                done.release()
+        return on_event
+
+    with engine._lock:
+        for i, p in enumerate(prompts):
+            engine.submit(p, params, collect(i))
+    for _ in prompts:
+        assert done.acquire(timeout=timeout), "a request did not finish"
+    return outputs

@@ -24,17 +24,16 @@ marked slow.
 from __future__ import annotations
 
 import copy
-import math
-import threading
 
 import pytest
 import torch
 
 from qwen import AutoModelForCausalLM, AutoTokenizer, kernels
 from qwen.quant import GPTQConfig, quantize_model
-from qwen.bench.quant_accuracy import demo_texts
+from qwen.bench.quant_accuracy import demo_texts, perplexity
 from qwen.quant.linear import prepare_quant_layers, quant_linear_layers
 from qwen.quant.outliers import add_outlier_channels
+from serve_helpers import submit_together
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"qwen.kernels: {kernels.why_unavailable()}")
 
@@ -47,24 +46,6 @@ def demo():  # type: ignore[no-untyped-def]
     base = AutoModelForCausalLM.from_pretrained("qwen-demo", cpu_packed_weights=False, progress=False).eval()
     calibration, evaluation = demo_texts(tok)
     return tok, base, calibration[:16], evaluation[:8]
-
-
-@torch.no_grad()
-def perplexity(model, texts, chunk: int | None = None) -> float:  # type: ignore[no-untyped-def]
-    """exp(mean NLL); with ``chunk``, fed that many tokens at a time through the KV cache."""
-    from qwen.cache import KVCache
-
-    nll, count = 0.0, 0
-    for ids in texts:
-        if chunk is None:
-            logits = model(ids[None]).logits[0]
-        else:
-            cache = KVCache.for_model(model, 1, len(ids))
-            logits = torch.cat([model(ids[None, s : s + chunk], past_key_values=cache, use_cache=True).logits[0]
-                                for s in range(0, len(ids), chunk)])
-        nll += float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum"))
-        count += len(ids) - 1
-    return math.exp(nll / count)
 
 
 @torch.no_grad()
@@ -195,21 +176,8 @@ def test_server_batched_rows_match_the_reference_on_an_outlier_model(demo) -> No
 
     def run(kernel: str) -> list[list[int]]:
         with_kernel(q, kernel)
-        out: list[list[int]] = [[] for _ in prompts]
-        done = threading.Semaphore(0)
-        with Engine(q, tok, max_batch_size=4) as engine:
-            def collect(i: int):  # type: ignore[no-untyped-def]
-                def on_event(ev) -> None:  # type: ignore[no-untyped-def]
-                    out[i].extend(ev.token_ids)
-                    if ev.finish_reason is not None:
-                        done.release()
-                return on_event
-            with engine._lock:  # admitted together: every decode step carries 4 rows
-                for i, p in enumerate(prompts):
-                    engine.submit(p, RequestParams(max_new_tokens=12, ignore_eos=True), collect(i))
-            for _ in prompts:
-                assert done.acquire(timeout=120)
-        return out
+        with Engine(q, tok, max_batch_size=4) as engine:  # admitted together: every decode step carries 4 rows
+            return submit_together(engine, prompts, RequestParams(max_new_tokens=12, ignore_eos=True))
 
     assert agreement(run("auto"), run("dequant")) >= 0.9
 

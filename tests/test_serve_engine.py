@@ -15,6 +15,7 @@ from qwen.config import preset_config
 from qwen.model import QWenLMHeadModel
 from qwen.sampling import SamplingParams
 from qwen.serve.engine import Engine, QueueFull, RequestParams
+from serve_helpers import submit_together
 
 QUESTIONS = ["你好", "Hello", "What is the capital of France?", "法国的首都是哪里？", "12+34等于多少？", "Who are you?",
              "床前明月光的下一句是什么？", "What is 5 + 7?", "日本的首都是哪里？", "Hi", "What is the capital of Peru?",
@@ -78,24 +79,8 @@ def test_prompts_arriving_together_are_prefilled_in_batches(demo, engine) -> Non
     _, tok = demo
     prompts = [prompt(tok, q) for q in QUESTIONS]
     alone = [engine.generate(p, greedy(tok, 12)) for p in prompts]
-    done = threading.Semaphore(0)
-    outputs: list[list[int]] = [[] for _ in prompts]
-
-    def collect(i: int):  # type: ignore[no-untyped-def]
-        def on_event(ev) -> None:  # type: ignore[no-untyped-def]
-            outputs[i].extend(ev.token_ids)
-            if ev.finish_reason is not None:
-                done.release()
-        return on_event
-
     before = engine.stats.prefill_batches
-    # Holding the engine's lock while submitting makes all 16 wait in the queue, so the worker admits
-    # them in one iteration (the lock is re-entrant, submit takes it too).
-    with engine._lock:
-        for i, p in enumerate(prompts):
-            engine.submit(p, greedy(tok, 12), collect(i))
-    for _ in prompts:
-        assert done.acquire(timeout=120)
+    outputs = submit_together(engine, prompts, greedy(tok, 12))  # all 16 admitted in one iteration
     assert outputs == [a[1] for a in alone]  # left-padded batched prefill == each prompt alone
     batches = engine.stats.prefill_batches - before
     assert batches <= 4, f"16 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens took {batches} prefills"
