@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..chat_template import DEFAULT_SYSTEM, get_stop_words_ids, make_context
-from ..generate import generate
+from ..generate import _decodable_guard, generate
 
 
 def _cut(text: str, stops: Sequence[str]) -> str:
@@ -46,6 +46,8 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *
     eos_ids = {t for t in (eod, getattr(tokenizer, "im_end_id", None)) if t is not None}
     device = next(model.parameters()).device
     gen_kwargs.setdefault("do_sample", False)
+    # As chat() does: never pick an id the tokenizer cannot decode (checkpoints pad the vocabulary).
+    gen_kwargs["logits_processor"] = list(gen_kwargs.get("logits_processor") or []) + _decodable_guard(model, tokenizer)
     # Longest first: rows of a batch have similar lengths, so less padding; results go back in order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
@@ -99,12 +101,15 @@ def chat_prompt_ids(tokenizer: Any, query: str, history: Sequence[tuple[str, str
 def chat_complete(model: Any, tokenizer: Any, queries: Sequence[str], *, system: str = DEFAULT_SYSTEM,
                   max_new_tokens: int = 512, batch_size: int = 8, stop_strings: Sequence[str] = (),
                   on_batch: Callable[[int], None] | None = None, **gen_kwargs: Any) -> list[str]:
-    """Greedy one-turn chat replies: what ``model.chat(tokenizer, query, history=None)`` returns, batched."""
+    """Greedy one-turn chat replies: what ``model.chat(tokenizer, query, history=None)`` returns, batched
+    (stripped, as chat() strips). Sampling settings not given here come from ``model.generation_config``:
+    the released chat configs set repetition_penalty 1.1, which the official eval scripts reset to 1.0, so
+    the benchmark modules pass ``repetition_penalty=1.0`` explicitly."""
     ids = [chat_prompt_ids(tokenizer, q, system=system) for q in queries]
     new = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens,
                        stop_words_ids=get_stop_words_ids("chatml", tokenizer), stop_strings=stop_strings,
                        batch_size=batch_size, max_seq_len=None, on_batch=on_batch, **gen_kwargs)
-    return [_cut(tokenizer.decode(n, errors="replace"), stop_strings) for n in new]
+    return [_cut(tokenizer.decode(n, errors="replace"), stop_strings).strip() for n in new]
 
 
 __all__ = ["generate_ids", "complete", "chat_prompt_ids", "chat_complete"]
