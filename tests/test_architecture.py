@@ -20,8 +20,8 @@ LAYERS = [
     ("text", ["qwen.chat_template", "qwen.tokenizer", "qwen.data", "qwen.chat"]),
     ("kernels", ["qwen.kernels", "qwen.cpu_pack"]),
     ("quant", ["qwen.quant", "qwen.kernels.decode"]),
-    ("training", ["qwen.finetune", "qwen.interop"]),
-    ("serving", ["qwen.serve"]),
+    ("training", ["qwen.finetune", "qwen.interop", "qwen.export_gguf"]),
+    ("serving", ["qwen.serve", "qwen.agent"]),
     ("tools", ["qwen.bench", "qwen.eval", "qwen.demos", "qwen.commands", "qwen.auto", "qwen.cli", "qwen.__main__", "qwen"]),
 ]
 CORE_MUST_NOT_IMPORT = ("qwen.quant", "qwen.kernels", "qwen.finetune", "qwen.serve", "qwen.chat", "qwen.tokenizer",
