@@ -17,9 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qwen.commands.train", "fine-tune (full or LoRA) or pretrain; --recipe demo builds the demo model"),
     "merge": ("qwen.commands.merge", "merge a LoRA adapter into its base model and save in the official layout"),
     "quantize": ("qwen.commands.quantize", "GPTQ or round-to-nearest int4/int8 quantization in the official AutoGPTQ layout"),
+    "export": ("qwen.commands.export", "write a checkpoint as a GGUF file for llama.cpp (f32/f16/bf16/q8_0/q4_0/q4_k_m)"),
     "serve": ("qwen.commands.serve", "OpenAI-compatible API server with continuous batching"),
     "web": ("qwen.commands.web", "Gradio chat page in the browser (127.0.0.1, no analytics, never shared)"),
-    "eval": ("qwen.commands.eval", "MMLU / C-Eval / CMMLU scored as the official eval scripts do (resumable)"),
+    "eval": ("qwen.commands.eval", "MMLU, C-Eval, CMMLU, GSM8K, HumanEval, tool use, perplexity, as the official eval scripts score them"),
+    "agent": ("qwen.commands.agent", "ReAct agent with a calculator, a sandboxed code interpreter and your own tools"),
     "bench": ("qwen.bench.core", "decode/prefill speed and memory, side by side with transformers"),
 }
 

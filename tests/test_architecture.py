@@ -17,7 +17,7 @@ PACKAGE = ROOT / "qwen"
 LAYERS = [
     ("core", ["qwen.config", "qwen.cache", "qwen.model", "qwen.generate", "qwen.sampling", "qwen.generation_config",
               "qwen.checkpoint", "qwen.hub", "qwen.transforms"]),
-    ("text", ["qwen.chat_template", "qwen.tokenizer", "qwen.data", "qwen.chat"]),
+    ("text", ["qwen.chat_template", "qwen.tokenizer", "qwen.data", "qwen.chat", "qwen.sandbox"]),
     ("kernels", ["qwen.kernels", "qwen.cpu_pack"]),
     ("quant", ["qwen.quant", "qwen.kernels.decode"]),
     ("training", ["qwen.finetune", "qwen.interop", "qwen.export_gguf"]),

@@ -21,7 +21,7 @@
 """
 
 from .agent import Agent, AgentEvent, AgentResult, AgentStep
-from .backends import LocalBackend, ModelBackend, OpenAIBackend, ScriptedBackend, prompt_ids
+from .backends import EngineBackend, LocalBackend, ModelBackend, OpenAIBackend, ScriptedBackend, prompt_ids
 from .react import ParsedOutput, ReactPrompt, SectionStream, build_prompt, parse_output, react_question, tool_line
 from .tools import (
     Tool,
@@ -37,9 +37,13 @@ from .tools import (
     unregister_tool,
 )
 
+# Built-in tools by name (imported on first use: the code interpreter starts its sandbox lazily).
+register_tool("calculator", "qwen.agent.builtin:calculator_tool")
+register_tool("code_interpreter", "qwen.agent.builtin:CodeInterpreter")
+
 __all__ = [
     "Agent", "AgentEvent", "AgentResult", "AgentStep",
-    "LocalBackend", "ModelBackend", "OpenAIBackend", "ScriptedBackend", "prompt_ids",
+    "EngineBackend", "LocalBackend", "ModelBackend", "OpenAIBackend", "ScriptedBackend", "prompt_ids",
     "ParsedOutput", "ReactPrompt", "SectionStream", "build_prompt", "parse_output", "react_question", "tool_line",
     "Tool", "ToolInputError", "ToolParam", "as_tool", "get_tool", "parse_docstring", "register_tool",
     "registered_tools", "schema_for", "tool", "unregister_tool",

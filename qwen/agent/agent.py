@@ -96,6 +96,19 @@ class Agent:
         self.stop_words = list(stop_words)
 
     # ------------------------------------------------------------------ public
+    def close(self) -> None:
+        """Release the tools' resources (the code interpreter's sandbox process and temp directory)."""
+        for t in self.tools:
+            close = getattr(t, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def run(self, query: str, history: Sequence[Any] | None = None) -> AgentResult:
         """Answer one user turn (``history``: earlier (query, reply) pairs, e.g. a result's ``history``)."""
         for event in self._loop(query, history, streaming=False):

@@ -85,6 +85,41 @@ class LocalBackend(ModelBackend):
                 yield r.text
 
 
+class EngineBackend(ModelBackend):
+    """The serving engine of ``qwen serve`` / ``qwen web`` (``qwen.serve.engine.Engine``, or a wrapper with
+    its ``stream(prompt_ids, params)`` and ``Params``): agent turns are batched with other users' requests.
+
+    ``settings`` are sampling settings (do_sample, temperature, top_p, top_k, repetition_penalty,
+    max_new_tokens, seed); greedy by default, as react_demo.py.
+    """
+
+    def __init__(self, engine: Any, tokenizer: Any, **settings: Any) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.settings = {"do_sample": False, **settings}
+
+    def stream(self, prompt: ReactPrompt, stop: Sequence[str]) -> Iterator[str]:
+        from ..sampling import SamplingParams
+
+        ids = prompt_ids(self.tokenizer, prompt)
+        s = dict(self.settings)
+        room = self.engine.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"the agent's prompt ({len(ids)} tokens) does not fit the context of "
+                             f"{self.engine.max_model_len} tokens")
+        max_new = min(int(s.pop("max_new_tokens", None) or 512), room)
+        seed = s.pop("seed", None)
+        stop_ids = sorted({t[0] for t in get_stop_words_ids("chatml", self.tokenizer)}
+                          | {self.tokenizer.eod_id})
+        params = self.engine.Params(max_new_tokens=max_new, sampling=SamplingParams(**s), seed=seed,
+                                    stop_token_ids=stop_ids, stop=[x for x in stop if x])
+        for ev in self.engine.stream(ids, params):
+            if ev.error:
+                raise RuntimeError(ev.error)
+            if ev.text:
+                yield ev.text
+
+
 # ---------------------------------------------------------------------------------------------- HTTP
 class OpenAIBackend(ModelBackend):
     """An OpenAI-compatible server (``qwen serve``) through the ``openai`` package's chat completions.
