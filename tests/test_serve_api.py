@@ -249,6 +249,11 @@ def react_server(demo):  # type: ignore[no-untyped-def]
         yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), model, tok
 
 
+def tok_decode_last(react_server) -> str:  # type: ignore[no-untyped-def]
+    _, model, tok = react_server
+    return tok.decode(model.prompts[-1])
+
+
 def _observation_round(call_message: dict, result_role: str, extra: dict) -> list[dict]:
     return QUESTION + [call_message, {"role": result_role, "content": "sunny, 21°C", **extra}]
 
@@ -329,3 +334,18 @@ def test_langchain_chat_openai(server, client, react_server) -> None:  # type: i
                              max_retries=0)
     msg = scripted.bind_tools([get_weather]).invoke("What's the weather in Paris?")
     assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Paris"})]
+    # The tool-calling loop LangChain agents run: call, run the tool, send a ToolMessage, final answer.
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    bound = scripted.bind_tools([get_weather])
+    messages = [HumanMessage("What's the weather in Paris?")]
+    for _ in range(3):
+        ai = bound.invoke(messages)
+        messages.append(ai)
+        if not ai.tool_calls:
+            break
+        for call in ai.tool_calls:
+            messages.append(ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"]))
+    assert [type(m).__name__ for m in messages] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert messages[-1].content == "It is sunny in Paris, 21°C."
+    assert tok_decode_last(react_server).endswith("Observation: sunny\nThought:")

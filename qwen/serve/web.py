@@ -140,6 +140,11 @@ class UserChat:
         self.session = ChatSession(model, tokenizer, system=system, engine=self.engine,
                                    generation_config=generation_config)
         self.busy = threading.Lock()
+        # Tools panel: the tab's agent (rebuilt when the tool selection changes) and, per history
+        # index, what the page shows for an agent turn (thoughts, tool calls, figures, the answer).
+        self.agent: Any = None
+        self.agent_tools: tuple[str, ...] = ()
+        self.traces: dict[int, Messages] = {}
 
     @property
     def history(self) -> list[tuple[str, str]]:
@@ -148,15 +153,75 @@ class UserChat:
     def close(self) -> None:
         """Called by Gradio when the tab's state is dropped: stop whatever it still generates."""
         self.engine.stop()
+        self.close_agent()
+
+    def close_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.close()  # the code interpreter's sandbox process and directory
+            self.agent, self.agent_tools = None, ()
 
 
-def to_messages(history: Sequence[Sequence[str]], pending: tuple[str, str] | None = None) -> Messages:
-    """The Chatbot value (display text) for a raw history plus, optionally, the answer in progress."""
+def to_messages(history: Sequence[Sequence[str]], pending: tuple[str, str] | None = None,
+                traces: dict[int, Messages] | None = None, pending_trace: Messages | None = None) -> Messages:
+    """The Chatbot value (display text) for a raw history plus, optionally, the answer in progress.
+
+    ``traces`` replace the assistant side of agent turns (by history index) with their tool-use
+    messages; ``pending_trace`` does so for the turn in progress.
+    """
     out: Messages = []
-    for query, reply in [*history, *([pending] if pending else [])]:
+    turns = [*history, *([pending] if pending else [])]
+    for i, (query, reply) in enumerate(turns):
         out.append({"role": "user", "content": display_text(query)})
-        out.append({"role": "assistant", "content": display_text(reply)})
+        trace = pending_trace if pending and i == len(turns) - 1 else (traces or {}).get(i)
+        if trace is not None:
+            out.extend(trace)
+        else:
+            out.append({"role": "assistant", "content": display_text(reply)})
     return out
+
+
+TOOL_CHOICES = ("calculator", "code_interpreter")
+
+
+class TraceView:
+    """Agent events as Chatbot messages: each thought and tool call a collapsible bubble, figures as
+    images, the final answer as the plain reply."""
+
+    def __init__(self) -> None:
+        self.messages: Messages = []
+        self.answer = ""
+        self._thought = ""
+
+    def _bubble(self, title: str, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text, "metadata": {"title": title}})
+
+    def add(self, ev: Any) -> None:
+        if ev.kind == "thought":
+            self._thought += ev.text
+            if self.messages and self.messages[-1].get("metadata", {}).get("title") == "Thought":
+                self.messages[-1]["content"] = display_text(self._thought.strip())
+            else:
+                self._bubble("Thought", display_text(self._thought.strip()))
+        elif ev.kind == "answer":
+            self.answer += ev.text
+        elif ev.kind == "action":
+            self._thought, self.answer = "", ""
+            self._bubble(f"Tool: {ev.tool}", "```\n" + (ev.arguments or "").strip() + "\n```")
+        elif ev.kind == "observation":
+            images = re.findall(r"!\[figure\]\(([^)]+)\)", ev.text)
+            text = re.sub(r"!\[figure\]\([^)]+\)\n?", "", ev.text).strip()
+            self._bubble(f"Result of {ev.tool}", "```\n" + text + "\n```" if text else "(no output)")
+            for path in images:
+                if os.path.isfile(path):
+                    self.messages.append({"role": "assistant", "content": {"path": path, "alt_text": "figure"}})
+        elif ev.kind == "final":
+            self.answer = ev.text
+
+    def view(self) -> Messages:
+        shown = [*self.messages]
+        if self.answer:
+            shown.append({"role": "assistant", "content": display_text(self.answer)})
+        return shown
 
 
 # Fenced blocks (``` or ~~~, up to the closing fence or the end) and inline code spans: Markdown
@@ -272,25 +337,26 @@ class WebChat:
 
     # ------------------------------------------------------------------ handlers
     def submit(self, message: str, user: UserChat | None, system: str,
-               settings: Settings) -> Iterator[tuple[Messages, UserChat, str]]:
-        """Send ``message``; yields (chatbot, state, textbox) as the answer streams in."""
+               settings: Settings, tools: Sequence[str] = ()) -> Iterator[tuple[Messages, UserChat, str]]:
+        """Send ``message``; yields (chatbot, state, textbox) as the answer streams in. With ``tools``
+        selected, a ReAct agent answers (docs/agents.md)."""
         user = user or self.new_user(system)
         if not message.strip():
-            yield to_messages(user.history), user, message
+            yield to_messages(user.history, traces=user.traces), user, message
             return
         if not user.busy.acquire(blocking=False):
             gr.Warning("An answer is still being written: wait for it or press Stop.")
             yield gr.skip(), user, gr.skip()  # type: ignore[misc]
             return
         try:
-            for messages, dropped in self._answer(user, message, system, settings):
+            for messages, dropped in self._answer(user, message, system, settings, tools):
                 # A turn that was not recorded puts the message back into the box, so it is not lost.
                 yield messages, user, message if dropped else ""
         finally:
             user.busy.release()
 
     def regenerate(self, user: UserChat | None, system: str,
-                   settings: Settings) -> Iterator[tuple[Messages, UserChat]]:
+                   settings: Settings, tools: Sequence[str] = ()) -> Iterator[tuple[Messages, UserChat]]:
         """Answer the last user message again, replacing the last reply."""
         user = user or self.new_user(system)
         if not user.busy.acquire(blocking=False):
@@ -300,16 +366,19 @@ class WebChat:
         try:
             if not user.history:
                 gr.Info("Nothing to regenerate yet.")
-                yield to_messages(user.history), user
+                yield to_messages(user.history, traces=user.traces), user
                 return
             query, reply = user.history.pop()
+            trace = user.traces.pop(len(user.history), None)
             dropped = False
-            for messages, dropped in self._answer(user, query, system, settings):
+            for messages, dropped in self._answer(user, query, system, settings, tools):
                 if not dropped:
                     yield messages, user
             if dropped:  # no new answer: keep the old one rather than lose the turn
                 user.history.append((query, reply))
-                yield to_messages(user.history), user
+                if trace is not None:
+                    user.traces[len(user.history) - 1] = trace
+                yield to_messages(user.history, traces=user.traces), user
         finally:
             user.busy.release()
 
@@ -323,10 +392,12 @@ class WebChat:
         if user.busy.acquire(timeout=60):
             try:
                 user.session.clear()
+                user.traces.clear()
             finally:
                 user.busy.release()
         else:
             user.session.clear()
+            user.traces.clear()
         return [], user
 
     @staticmethod
@@ -337,13 +408,17 @@ class WebChat:
             user.engine.stop()
 
     # ------------------------------------------------------------------ the streaming loop
-    def _answer(self, user: UserChat, query: str, system: str,
-                settings: Settings) -> Iterator[tuple[Messages, bool]]:
+    def _answer(self, user: UserChat, query: str, system: str, settings: Settings,
+                tools: Sequence[str] = ()) -> Iterator[tuple[Messages, bool]]:
         """(chatbot value, dropped) while ``query`` is answered.
 
         At the end the turn is in the history, or, with ``dropped`` True, it is not: the request
         failed (a notice says why) or was stopped before any text came.
         """
+        if tools:
+            yield from self._answer_with_tools(user, query, system, settings, tuple(tools))
+            return
+        user.close_agent()
         session = user.session
         done = list(session.history)
         try:
@@ -351,34 +426,84 @@ class WebChat:
             session.set_config(**settings.as_config())
         except (ValueError, TypeError) as e:
             gr.Warning(f"Invalid generation settings: {e}")
-            yield to_messages(done), True
+            yield to_messages(done, traces=user.traces), True
             return
         user.engine.arm()
-        yield to_messages(done, (query, "")), False
+        yield to_messages(done, (query, ""), traces=user.traces), False
         reply = ""
         try:
             for delta in session.send(query, stream=True):
                 reply += delta
-                yield to_messages(done, (query, reply)), False
+                yield to_messages(done, (query, reply), traces=user.traces), False
         except QueueFull as e:
             gr.Warning(f"The server is busy: {e}")
-            yield to_messages(done), True
+            yield to_messages(done, traces=user.traces), True
             return
         except ValueError as e:  # the prompt does not fit the context window
             gr.Warning(f"{e} Press Clear to start a new conversation.")
-            yield to_messages(done), True
+            yield to_messages(done, traces=user.traces), True
             return
         except (RuntimeError, EngineStopped) as e:  # the engine failed this request, or is shutting down
             gr.Warning(f"Generation failed: {e}")
-            yield to_messages(done), True
+            yield to_messages(done, traces=user.traces), True
             return
         last = session.last_response
         if last is not None and last.finish_reason == FINISH_CANCELLED and not session.history[-1][1]:
             # Stopped before the first word: an empty reply is no answer to keep in the conversation.
             session.history.pop()
-            yield to_messages(session.history), True
+            yield to_messages(session.history, traces=user.traces), True
             return
-        yield to_messages(session.history), False
+        yield to_messages(session.history, traces=user.traces), False
+
+
+    def _answer_with_tools(self, user: UserChat, query: str, system: str, settings: Settings,
+                           tools: tuple[str, ...]) -> Iterator[tuple[Messages, bool]]:
+        """The tools panel's path: a ReAct agent over the shared engine answers ``query``."""
+        from ..agent import Agent, EngineBackend, get_tool
+
+        session = user.session
+        done = list(session.history)
+        unknown = [t for t in tools if t not in TOOL_CHOICES]
+        if unknown:
+            gr.Warning(f"Unknown tool(s): {', '.join(unknown)}")
+            yield to_messages(done, traces=user.traces), True
+            return
+        if user.agent is None or user.agent_tools != tools or user.agent.system != system:
+            user.close_agent()
+            user.agent = Agent(EngineBackend(user.engine, self.tokenizer), [get_tool(t) for t in tools], system=system)
+            user.agent_tools = tools
+        cfg = settings.as_config()
+        user.agent.backend.settings = {"do_sample": cfg["do_sample"], "temperature": cfg["temperature"],
+                                       "top_p": cfg["top_p"], "top_k": cfg["top_k"],
+                                       "repetition_penalty": cfg["repetition_penalty"],
+                                       "max_new_tokens": cfg["max_new_tokens"], "seed": cfg["seed"]}
+        user.engine.arm()
+        view = TraceView()
+        yield to_messages(done, (query, ""), traces=user.traces, pending_trace=[]), False
+        result = None
+        try:
+            for ev in user.agent.stream(query, history=done):
+                view.add(ev)
+                if ev.kind == "final":
+                    result = ev.result
+                yield to_messages(done, (query, ""), traces=user.traces, pending_trace=view.view()), False
+                if user.engine._stop.is_set():
+                    break
+        except QueueFull as e:
+            gr.Warning(f"The server is busy: {e}")
+            yield to_messages(done, traces=user.traces), True
+            return
+        except (ValueError, RuntimeError, EngineStopped) as e:
+            gr.Warning(f"Generation failed: {e}")
+            yield to_messages(done, traces=user.traces), True
+            return
+        answer = result.answer if result is not None else view.answer
+        if not answer and not view.messages:  # stopped before anything happened
+            yield to_messages(done, traces=user.traces), True
+            return
+        session.history.append((query, answer))
+        user.traces[len(session.history) - 1] = view.view()
+        yield to_messages(session.history, traces=user.traces), False
 
 
 def create_web_app(engine: Engine, model: Any, tokenizer: Any, *,
@@ -424,22 +549,29 @@ def create_web_app(engine: Engine, model: Any, tokenizer: Any, *,
                 # -1, not an empty box: an empty Gradio Number shows as 0, which reads like a fixed seed.
                 seed = gr.Number(value=-1 if d.seed is None else d.seed, precision=0, minimum=-1, label="Seed",
                                  info="-1 = a new random answer each time")
+        with gr.Accordion("Tools", open=False):
+            tools_box = gr.CheckboxGroup(list(TOOL_CHOICES), value=[], label="Tools the model may use",
+                                         info="With a tool selected, the model answers as a ReAct agent: its "
+                                         "thoughts and tool calls are shown. The code interpreter runs Python in "
+                                         "a sandbox (no network, time and memory limits); figures appear here.",
+                                         elem_id="tools")
         settings = [temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed]
 
         # Gradio streams only from generator functions, so these wrappers re-yield.
-        def on_submit(message: str, state: UserChat | None, system_prompt: str,
+        def on_submit(message: str, state: UserChat | None, system_prompt: str, tools: list[str],
                       *values: Any) -> Iterator[tuple[Any, ...]]:
-            yield from chat.submit(message, state, system_prompt, Settings(*values))
+            yield from chat.submit(message, state, system_prompt, Settings(*values), tools or ())
 
-        def on_regenerate(state: UserChat | None, system_prompt: str, *values: Any) -> Iterator[tuple[Any, ...]]:
-            yield from chat.regenerate(state, system_prompt, Settings(*values))
+        def on_regenerate(state: UserChat | None, system_prompt: str, tools: list[str],
+                          *values: Any) -> Iterator[tuple[Any, ...]]:
+            yield from chat.regenerate(state, system_prompt, Settings(*values), tools or ())
 
-        submit_args: dict[str, Any] = dict(fn=on_submit, inputs=[textbox, user, system_box, *settings],
+        submit_args: dict[str, Any] = dict(fn=on_submit, inputs=[textbox, user, system_box, tools_box, *settings],
                                            outputs=[chatbot, user, textbox], concurrency_limit=limit,
                                            concurrency_id="generate", show_progress="minimal")
         textbox.submit(api_name="chat", **submit_args)
         send_btn.click(api_visibility="private", **submit_args)
-        regen_btn.click(on_regenerate, inputs=[user, system_box, *settings], outputs=[chatbot, user],
+        regen_btn.click(on_regenerate, inputs=[user, system_box, tools_box, *settings], outputs=[chatbot, user],
                         concurrency_limit=limit, concurrency_id="generate", show_progress="minimal",
                         api_name="regenerate")
         # Stop and Clear skip the queue: they must work while every slot is busy generating.
