@@ -44,9 +44,10 @@ test-all: setup
 bench: setup           ## decode/prefill benchmarks vs transformers, and qwen.cpp once `make peers` ran
 	$(VENV)/bin/qwen bench --preset qwen-300m --engines ours,qwen.cpp,transformers
 
-peers: setup           ## build qwen.cpp (~2.5 min; optional benchmark peer and parity check)
+peers: setup           ## build qwen.cpp (~2.5 min) and llama.cpp (llama-cpp-python, ~10-25 min): optional peers and parity checks
 	CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS="-DCMAKE_POSITION_INDEPENDENT_CODE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(PY) -m pip install -q --disable-pip-version-check qwen-cpp==0.1.3
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36
 
 demo-model: setup      ## rebuild the embedded demo model into qwen/assets/demo (~55-60 min on 2 CPU cores)
 	$(VENV)/bin/qwen train --recipe demo
