@@ -5,7 +5,7 @@ with a ``quantization_config`` (quant_method "gptq"), quantize_config.json, and 
 linear (attn.c_attn, attn.c_proj, mlp.w1, mlp.w2, mlp.c_proj of every block) the tensors qweight,
 qzeros, scales, g_idx and bias; the embeddings, norms and lm_head are stored in float16. It loads
 here (``AutoModelForCausalLM.from_pretrained``), in the official transformers + auto-gptq stack,
-and in vLLM.
+and, through the Qwen2-layout copy of ``qwen.bench.vllm_parity``, in current vLLM (docs/scale-out.md).
 
 GPTQ calibrates on --calib FILE (the official fine-tuning JSON format as run_gptq.py, JSONL, or
 plain text) or, without it, on the bilingual set that ships with the package (300 samples of prose,
