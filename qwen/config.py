@@ -60,6 +60,15 @@ class QWenConfig:
     # Written to config.json only when it is not the default.
     cache_quantization_mode: str = "round"
     softmax_in_fp32: bool = False
+    # Not official fields: window attention (docs/long-context.md), never released upstream (spec §4.6).
+    # With use_window_attn, the lowest ``window_layers`` layers (default: half of them) attend to the
+    # last ``window_size`` tokens only (default: seq_length), the query itself included;
+    # ``window_sizes`` (one entry per layer, None or 0 = full attention) overrides both. Written to
+    # config.json only when not the defaults, so official configs stay unchanged.
+    use_window_attn: bool = False
+    window_size: int | None = None
+    window_layers: int | None = None
+    window_sizes: list[int | None] | None = None
     # Not a constructor argument upstream, but every released config.json has it and the
     # model reads it (NTK trigger, LogN). A config without it is rejected in from_dict.
     seq_length: int = 8192
@@ -93,6 +102,32 @@ class QWenConfig:
             raise ConfigError(
                 f"cache_quantization_mode must be 'official' or 'round', got {self.cache_quantization_mode!r}"
             )
+        self._check_window_fields()
+
+    def _check_window_fields(self) -> None:
+        def positive_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        if not isinstance(self.use_window_attn, bool):
+            raise ConfigError(f"use_window_attn must be true or false, got {self.use_window_attn!r}")
+        if self.window_size is not None and not positive_int(self.window_size):
+            raise ConfigError(f"window_size must be a positive number of tokens (or null for seq_length), "
+                              f"got {self.window_size!r}")
+        if self.window_layers is not None and not (
+                isinstance(self.window_layers, int) and not isinstance(self.window_layers, bool)
+                and 0 <= self.window_layers <= self.num_hidden_layers):
+            raise ConfigError(f"window_layers must be a layer count in 0..{self.num_hidden_layers} "
+                              f"(num_hidden_layers), or null for half of them; got {self.window_layers!r}")
+        if self.window_sizes is not None:
+            sizes = self.window_sizes
+            if not isinstance(sizes, (list, tuple)) or len(sizes) != self.num_hidden_layers:
+                raise ConfigError(f"window_sizes must be a list of {self.num_hidden_layers} entries (one per layer, "
+                                  f"null or 0 for full attention), got {sizes!r}")
+            for i, w in enumerate(sizes):
+                if w is not None and w != 0 and not positive_int(w):
+                    raise ConfigError(f"window_sizes[{i}] must be a positive number of tokens, or null / 0 for full "
+                                      f"attention; got {w!r}")
+            self.window_sizes = list(sizes)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -106,6 +141,21 @@ class QWenConfig:
     @property
     def ffn_hidden_size(self) -> int:
         return self.intermediate_size // 2
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Per layer, the window of window attention (None: full attention); all None unless use_window_attn.
+
+        Key j is visible to query i iff i - window < j <= i (token indices in the sequence, so the
+        window counts the query itself)."""
+        n = self.num_hidden_layers
+        if not self.use_window_attn:
+            return [None] * n
+        if self.window_sizes is not None:
+            return [int(w) if w else None for w in self.window_sizes]
+        size = self.window_size if self.window_size is not None else self.seq_length
+        lower = self.window_layers if self.window_layers is not None else n // 2
+        return [size if i < lower else None for i in range(n)]
 
     def num_parameters(self) -> int:
         """Parameter count implied by the shapes (spec §2.2)."""
@@ -183,6 +233,10 @@ class QWenConfig:
             del d["torch_dtype"]
         if d["cache_quantization_mode"] == "round":  # ours, not official: keep official configs unchanged
             del d["cache_quantization_mode"]
+        for name, default in (("use_window_attn", False), ("window_size", None), ("window_layers", None),
+                              ("window_sizes", None)):  # ours too
+            if d[name] == default:
+                del d[name]
         d.update(self.extra)
         return d
 

@@ -7,7 +7,8 @@ back before the weight; RoPE (rotate-half) runs in fp32; SwiGLU gates w2; only c
 
 Deliberate differences from the official code (docs/differences.md): RoPE positions count real
 tokens only (left padding does not shift them), multi-token chunks appended to a cache are causally
-masked, and per-sequence state (NTK alpha) lives in the KV cache, not on a module.
+masked, and per-sequence state (NTK alpha) lives in the KV cache, not on a module. Window attention
+(``use_window_attn``, never released upstream) is our design: docs/long-context.md.
 Loading and generation live in checkpoint.py and generate.py; chat (model.chat/chat_stream) in chat.py,
 attached through qwen/transforms.py. This module is the network only.
 """
@@ -249,12 +250,17 @@ class QWenModel(nn.Module):
             logn = logn.float().to(x.dtype)  # the official table is fp32, then cast to the model dtype
 
         # ---- attention mask (None when SDPA's causal flag or no mask is exact)
+        windows = cfg.layer_windows
+        if cache is not None and cache.windows != windows:
+            raise ValueError(f"this cache was made for window attention {cache.windows}, the model's config now "
+                             f"gives {windows} (make a new cache after changing the window settings)")
         if cache is not None:
             cache.begin(new_mask, t)
         if isinstance(cache, RowKVCache):  # continuous batching: each row at its own length
             mask = cache.attention_mask(device)
         else:
             mask = self._build_mask(b, t, past, new_mask, cache, device)
+        masks = self._window_masks(windows, mask, b, t, past, new_mask, cache, device) if any(windows) else None
 
         x = self.drop(x)
         hidden: list[torch.Tensor] = []
@@ -267,12 +273,16 @@ class QWenModel(nn.Module):
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
                 logn = logn.to(dev) if logn is not None else None
                 mask = mask.to(dev) if mask is not None else None
+            layer_mask = mask if masks is None else masks[i]
+            if layer_mask is not None and layer_mask.device != dev:
+                layer_mask = layer_mask.to(dev)
             if output_hidden_states:
                 hidden.append(x)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, (cos, sin), logn, mask, None, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, (cos, sin), logn, layer_mask, None, i,
+                                                      use_reentrant=False)
             else:
-                x = block(x, (cos, sin), logn, mask, cache, i)
+                x = block(x, (cos, sin), logn, layer_mask, cache, i)
         if x.device != self.ln_f.weight.device:
             x = x.to(self.ln_f.weight.device)
         x = self.ln_f(x)
@@ -296,6 +306,50 @@ class QWenModel(nn.Module):
             if step is not None:
                 return step
         return None
+
+    @staticmethod
+    def _window_masks(windows: list[int | None], full: torch.Tensor | None, b: int, t: int, past: int,
+                      new_mask: torch.Tensor | None, cache: Any, device: torch.device) -> list[torch.Tensor | None]:
+        """Per layer, the mask its attention uses: ``full`` for full-attention layers, a band for windowed ones.
+
+        Window attention (docs/long-context.md): key slot j is visible to query slot i iff
+        i - window < j <= i (and j holds a real token). Slots are the tokens of a row's sequence; they
+        equal positions when a row's real tokens are contiguous (left or right padding), which is checked.
+        A windowed layer whose window covers every query shares ``full`` (same keys, same mask).
+        """
+        total = past + t
+        if all(w is None or total <= w for w in windows):
+            return [full] * len(windows)
+        padded = new_mask is not None or (cache is not None and cache.padded)
+        if padded and not isinstance(cache, RowKVCache):
+            valid = cache.key_mask[:, :total] if cache is not None else new_mask
+            count = valid.sum(-1)
+            first = valid.long().argmax(-1)
+            last = total - 1 - valid.long().flip(-1).argmax(-1)
+            if bool(((count > 0) & (last - first + 1 != count)).any()):
+                raise ValueError("window attention counts the tokens of each row: its real tokens must be "
+                                 "contiguous (left or right padding only, no pads between real tokens)")
+        by_layout: dict[Any, torch.Tensor | None] = {}
+        out: list[torch.Tensor | None] = []
+        for i, w in enumerate(windows):
+            if w is None or total <= w:
+                out.append(full)
+                continue
+            ring = None if cache is None else cache.keys[i].shape[2]
+            if (w, ring) not in by_layout:
+                if isinstance(cache, RowKVCache):
+                    m = cache.attention_mask(device, w)
+                else:
+                    q = torch.arange(past, total, device=device)[:, None]
+                    k = torch.arange(t, device=device) if cache is None else cache.key_slots(i, t, device)
+                    m = ((k >= 0) & (k <= q) & (k > q - w))[None, None]
+                    if padded:
+                        keys = cache.key_mask.to(device)[:, k.clamp(min=0)] if cache is not None else new_mask
+                        # A pad query keeps its own slot so its softmax is finite (its output is never used).
+                        m = (m & keys[:, None, None, :]) | (k == q)[None, None]
+                by_layout[(w, ring)] = m
+            out.append(by_layout[(w, ring)])
+        return out
 
     @staticmethod
     def _build_mask(
@@ -417,7 +471,8 @@ class QWenLMHeadModel(nn.Module):
             use_cache = self.config.use_cache and labels is None and not self.training
         cache = past_key_values
         if isinstance(cache, (tuple, list)):
-            cache = KVCache.from_legacy(cache, quantizer=KVQuantizer.from_config(self.config, self.dtype))
+            cache = KVCache.from_legacy(cache, quantizer=KVQuantizer.from_config(self.config, self.dtype),
+                                        windows=self.config.layer_windows)
         ref = input_ids if input_ids is not None else inputs_embeds
         if cache is None and use_cache:
             cache = self.new_cache(ref.shape[0], ref.shape[1])

@@ -4,8 +4,10 @@ For each length L the text's tokens are cut into consecutive windows of L tokens
 of them); each window runs as one sequence from its first token, and the perplexity is
 exp(mean NLL) over every predicted token of every window. Each setting toggles the config flags the
 model reads at every forward: ``plain`` (neither), ``ntk`` (dynamic NTK: RoPE base stretched once
-the sequence exceeds ``seq_length``), ``ntk+logn`` (and LogN query scaling beyond ``seq_length``).
-Below ``seq_length`` all settings coincide (alpha 1, factors 1), which the table shows.
+the sequence exceeds ``seq_length``), ``ntk+logn`` (and LogN query scaling beyond ``seq_length``),
+``ntk+logn+window`` (and window attention on the lower half of the layers, window ``seq_length`` by
+default: our design of the unreleased method, docs/long-context.md). Below ``seq_length`` all
+settings coincide (alpha 1, factors 1, a window that covers the whole sequence), which the table shows.
 
 The logits of a long window are never materialised at once: the final hidden states go through the
 head a slice of rows at a time (a 16k-token window of a 152k-word vocabulary would need 10 GB).
@@ -22,7 +24,11 @@ import torch
 
 from ..checkpoint import progress_bar
 
-SETTINGS = {"plain": (False, False), "ntk": (True, False), "ntk+logn": (True, True)}
+# setting: (use_dynamic_ntk, use_logn_attn, use_window_attn)
+SETTINGS = {"plain": (False, False, False), "ntk": (True, False, False), "ntk+logn": (True, True, False),
+            "ntk+logn+window": (True, True, True)}
+_WINDOW_FIELDS = ("use_dynamic_ntk", "use_logn_attn", "use_window_attn", "window_size", "window_layers",
+                  "window_sizes")
 _HEAD_ROWS = 256
 
 
@@ -63,13 +69,19 @@ def window_nll(model: Any, ids: torch.Tensor) -> tuple[float, int]:
 
 
 def perplexity_by_length(model: Any, tokens: Sequence[int], lengths: Sequence[int], windows: int = 4,
-                         settings: Sequence[str] = tuple(SETTINGS), progress: bool = True) -> dict[str, Any]:
-    """{setting: {length: perplexity}} plus the window counts; the model's flags are restored afterwards."""
+                         settings: Sequence[str] = tuple(SETTINGS), progress: bool = True,
+                         window_size: int | None = None) -> dict[str, Any]:
+    """{setting: {length: perplexity}} plus the window counts; the model's flags are restored afterwards.
+
+    ``window_size``: the attention window of the ``+window`` setting (default: the model's seq_length),
+    applied to the lower half of the layers."""
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    if window_size is not None and window_size < 1:
+        raise ValueError(f"window_size must be a positive number of tokens, got {window_size}")
     cfg = model.config
-    saved = (cfg.use_dynamic_ntk, cfg.use_logn_attn)
+    saved = {name: getattr(cfg, name) for name in _WINDOW_FIELDS}
     ids = torch.tensor(list(tokens), dtype=torch.long)
     plan = {}
     for length in lengths:
@@ -82,7 +94,9 @@ def perplexity_by_length(model: Any, tokens: Sequence[int], lengths: Sequence[in
     table: dict[str, dict[int, float]] = {}
     try:
         for name in settings:
-            cfg.use_dynamic_ntk, cfg.use_logn_attn = SETTINGS[name]
+            cfg.use_dynamic_ntk, cfg.use_logn_attn, cfg.use_window_attn = SETTINGS[name]
+            if cfg.use_window_attn:  # the flags are read at every forward; each window builds its own cache
+                cfg.window_size, cfg.window_layers, cfg.window_sizes = window_size or cfg.seq_length, None, None
             table[name] = {}
             for length, chunks in plan.items():
                 nll, count = 0.0, 0
@@ -92,10 +106,14 @@ def perplexity_by_length(model: Any, tokens: Sequence[int], lengths: Sequence[in
                     bar.update(1)
                 table[name][length] = math.exp(nll / count)
     finally:
-        cfg.use_dynamic_ntk, cfg.use_logn_attn = saved
+        for field, value in saved.items():
+            setattr(cfg, field, value)
         bar.close()
-    return {"task": "ppl", "seq_length": cfg.seq_length, "windows": {L: len(c) for L, c in plan.items()},
-            "perplexity": table}
+    out = {"task": "ppl", "seq_length": cfg.seq_length, "windows": {L: len(c) for L, c in plan.items()},
+           "perplexity": table}
+    if any(SETTINGS[name][2] for name in settings):
+        out["attention_window"] = {"size": window_size or cfg.seq_length, "layers": cfg.num_hidden_layers // 2}
+    return out
 
 
 def markdown_table(result: dict[str, Any]) -> str:

@@ -103,7 +103,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qwen_dequantize_rows.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, c_int, c_int]
     lib.qwen_dequantize_rows.restype = None
     f32 = ctypes.c_float
-    lib.qwen_decode_layers.argtypes = [p, p, p, i64, p, i64, i64, i64, i64, i64, i64, p, p, f32, f32, c_int]
+    lib.qwen_decode_layers.argtypes = [p, p, p, i64, p, i64, i64, i64, i64, p, p, i64, p, p, f32, f32, c_int]
     lib.qwen_decode_layers.restype = None
 
 

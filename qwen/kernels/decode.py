@@ -3,7 +3,9 @@
 At batch 1 a Qwen-1.8B int8 step spent ~61 ms in the matrix-vector products and ~14 ms between them
 (~0.6 ms per block of Python, dispatch, allocations and small ops). ``qwen_decode_layers`` (gemv.cpp)
 runs the blocks' whole math (RMSNorm, the five quantized linears, RoPE, LogN, the KV-cache write,
-attention, SwiGLU, residuals) with the same kernels and no Python in between.
+attention, SwiGLU, residuals) with the same kernels and no Python in between. Window attention
+(docs/long-context.md) is computed there too: a windowed layer's cache is a ring (slot g at index
+g mod ring size) and the token attends to its last ``window`` slots only.
 
 :class:`FusedDecoder` describes a model's blocks to it once (pointers to codes, scales, norms) and is
 used by ``QWenModel.forward`` only where the result is the eager path's: eval mode, no autograd, fp32
@@ -152,9 +154,11 @@ class FusedDecoder:
         n = self.num_layers
         keys = (_p * n)(*[t.data_ptr() for t in cache.keys])
         values = (_p * n)(*[t.data_ptr() for t in cache.values])
+        caps = (_i64 * n)(*[t.shape[2] for t in cache.keys])  # per layer: a windowed layer's ring is shorter
+        windows = (_i64 * n)(*[w or 0 for w in cache.windows])
         self.lib.qwen_decode_layers(
             ctypes.addressof(self.layers), keys, values, n, out.data_ptr(), self.hidden, self.heads, self.head_dim,
-            self.rot_dim, cache.capacity, cache.length, cos.data_ptr(), sin.data_ptr(), logn, self.eps,
+            self.rot_dim, caps, windows, cache.length, cos.data_ptr(), sin.data_ptr(), logn, self.eps,
             torch.get_num_threads())
         return out.reshape(1, 1, self.hidden)
 

@@ -486,8 +486,10 @@ void qwen_dequantize_rows(const uint8_t* codes, const float* scale, const float*
 //   h = x + c_proj(attention(rope(c_attn(rmsnorm(x, ln_1)))));  x = h + mlp(rmsnorm(h, ln_2))
 // with mlp(u) = c_proj(w1(u) * silu(w2(u))), RoPE rotate-half in fp32 on the first rot_dim features,
 // the LogN factor on the queries, K/V written to slot `slot` of the layer's [heads, cap, head_dim]
-// cache, softmax attention over slots 0..slot with scale 1/sqrt(head_dim). The activations of each
-// linear are rounded to int16 as QuantizedRows does (w1 and w2 share one rounding of the same input:
+// cache, softmax attention over slots 0..slot with scale 1/sqrt(head_dim). A layer with window
+// attention (windows[l] > 0) keeps a ring of caps[l] entries (slot j at index j % caps[l]) and attends
+// to slots slot-windows[l]+1..slot only; for a full-attention layer caps[l] > slot, so j % caps[l] == j.
+// The activations of each linear are rounded to int16 as QuantizedRows does (w1 and w2 share one rounding of the same input:
 // the separate calls would produce identical values). Why: at batch 1 the PyTorch path spends ~0.6 ms
 // per block between the matrix-vector products (Python, dispatch, allocation, small-op kernels that
 // find caches full of weight streams), ~20% of a Qwen-1.8B int8 step.
@@ -572,11 +574,12 @@ extern "C" {
 // x [hidden] (in/out): the embedding of the new token in, the last block's output out.
 // cos/sin [rot_dim]: RoPE for the token's position (NTK alpha applied by the caller); logn: the
 // query factor (1 when LogN is off or not yet active). keys[l], values[l]: layer l's cache, each
-// [heads, cap, head_dim] fp32; the new K/V go to slot `slot` (< cap).
+// [heads, caps[l], head_dim] fp32; the new K/V go to slot `slot` (index slot % caps[l]); windows[l]:
+// layer l's attention window in tokens, 0 for full attention.
 void qwen_decode_layers(const QwenDecodeLayer* layers, float* const* keys, float* const* values, int64_t n_layers,
                         float* x, int64_t hidden, int64_t heads,
-                        int64_t head_dim, int64_t rot_dim, int64_t cap, int64_t slot, const float* cos,
-                        const float* sin, float logn, float eps, int threads) {
+                        int64_t head_dim, int64_t rot_dim, const int64_t* caps, const int64_t* windows, int64_t slot,
+                        const float* cos, const float* sin, float logn, float eps, int threads) {
     DecodeScratch s;
     const int64_t proj = heads * head_dim;
     int64_t ff = 0;
@@ -593,6 +596,12 @@ void qwen_decode_layers(const QwenDecodeLayer* layers, float* const* keys, float
 
     for (int64_t l = 0; l < n_layers; ++l) {
         const QwenDecodeLayer& L = layers[l];
+        const int64_t cap = caps[l];
+        const int64_t first = windows[l] > 0 && slot + 1 > windows[l] ? slot + 1 - windows[l] : 0;
+        const int64_t seen = span - first;  // keys this layer's query sees
+        // They lie in the ring as at most two runs: indices i0.. (n1 of them), then 0.. (no division per key).
+        const int64_t i0 = first % cap;
+        const int64_t n1 = seen < cap - i0 ? seen : cap - i0;
         // ---- attention
         rmsnorm(x, L.ln_1, eps, hidden, s.normed.data());
         quantize_input(L.c_attn, s.normed.data(), s);
@@ -610,12 +619,12 @@ void qwen_decode_layers(const QwenDecodeLayer* layers, float* const* keys, float
                 for (int64_t i = 0; i < head_dim; ++i) qh[i] *= logn;
             float* kc = keys[l] + (h * cap) * head_dim;
             float* vc = values[l] + (h * cap) * head_dim;
-            memcpy(kc + slot * head_dim, kh, head_dim * sizeof(float));
-            memcpy(vc + slot * head_dim, v + h * head_dim, head_dim * sizeof(float));
+            memcpy(kc + (slot % cap) * head_dim, kh, head_dim * sizeof(float));
+            memcpy(vc + (slot % cap) * head_dim, v + h * head_dim, head_dim * sizeof(float));
             float* sc = scores.data() + h * span;
             float mx = -INFINITY;
-            for (int64_t j = 0; j < span; ++j) {
-                const float* kj = kc + j * head_dim;
+            for (int64_t j = 0; j < seen; ++j) {
+                const float* kj = kc + (j < n1 ? i0 + j : j - n1) * head_dim;
                 float d = 0.f;
 #pragma omp simd reduction(+ : d)
                 for (int64_t i = 0; i < head_dim; ++i) d += qh[i] * kj[i];
@@ -623,15 +632,15 @@ void qwen_decode_layers(const QwenDecodeLayer* layers, float* const* keys, float
                 mx = sc[j] > mx ? sc[j] : mx;
             }
             float total = 0.f;
-            for (int64_t j = 0; j < span; ++j) {
+            for (int64_t j = 0; j < seen; ++j) {
                 sc[j] = expf(sc[j] - mx);
                 total += sc[j];
             }
             float* out = s.attn.data() + h * head_dim;
             for (int64_t i = 0; i < head_dim; ++i) out[i] = 0.f;
-            for (int64_t j = 0; j < span; ++j) {
+            for (int64_t j = 0; j < seen; ++j) {
                 const float p = sc[j] / total;
-                const float* vj = vc + j * head_dim;
+                const float* vj = vc + (j < n1 ? i0 + j : j - n1) * head_dim;
 #pragma omp simd
                 for (int64_t i = 0; i < head_dim; ++i) out[i] += p * vj[i];
             }
