@@ -193,7 +193,8 @@ class ChatSession:
             n = min(n, len(ids) - 1)  # at least one token must be prefilled to get logits
             # A fresh prefill would choose its own dynamic-NTK alpha; reuse only if it is the same.
             same_alpha = cache.ntk_alpha is None or cache.ntk_alpha == [float(ntk_alpha(len(ids), cfg.seq_length))]
-            if n > 0 and same_alpha:
+            # Window attention: the rings of windowed layers may no longer hold what a rewind needs.
+            if n > 0 and same_alpha and getattr(cache, "can_crop", lambda _: True)(n):
                 cache.crop(n)
                 return cache
         self._cache = self.model.new_cache(1, len(ids) + max_new_tokens)

@@ -525,6 +525,9 @@ def export_gguf(model: str | os.PathLike, output: str | os.PathLike, type: str =
     if not os.path.isdir(path):
         raise GGUFExportError(f"{path}: expected a checkpoint directory")
     config = QWenConfig.from_pretrained(path)
+    if any(w is not None for w in config.layer_windows):
+        raise GGUFExportError(f"{path}/config.json: use_window_attn is set, and llama.cpp's qwen architecture has no "
+                              "window attention; export from a config without it (the weights are the same)")
     gptq = _gptq_config(path, config)
     source = "float" if gptq is None else f"GPTQ int{gptq.bits} (group size {gptq.group_size}), dequantized"
     tokenizer = QWenTokenizer.from_pretrained(path)

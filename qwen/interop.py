@@ -42,6 +42,9 @@ def to_transformers_qwen2(model: Any, rope_theta: float | None = None) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = model.config
+    if any(w is not None for w in cfg.layer_windows):
+        raise ValueError("to_transformers_qwen2: this model uses window attention (use_window_attn), which "
+                         "transformers' Qwen2 cannot express (its sliding window is another scheme)")
     ref_cfg = Qwen2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,

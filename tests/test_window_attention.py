@@ -477,3 +477,43 @@ def test_perplexity_window_setting() -> None:
     logits = reference_forward(ref_model, ids[None])[0, :-1]
     nll = torch.nn.functional.cross_entropy(logits, ids[1:])
     assert small == pytest.approx(math.exp(nll.item()), rel=1e-4)
+
+
+# ------------------------------------------------------------------ users of cache rewinds and exporters
+def test_chat_session_falls_back_to_a_fresh_cache_when_the_ring_wrapped() -> None:
+    from qwen.chat import ChatSession
+    from qwen.tokenizer import QWenTokenizer
+
+    tok = QWenTokenizer.from_pretrained("qwen-demo")
+    model = windowed(8, vocab_size=151936)
+    session = ChatSession(model, tok, system="s")
+    fresh = ChatSession(model, tok, system="s", reuse_cache=False)
+    for query in ["hello there, how are you", "tell me more about it please", "and once again"]:
+        assert session.send(query, do_sample=False, max_new_tokens=6) == fresh.send(query, do_sample=False,
+                                                                                    max_new_tokens=6)
+
+
+def test_prefix_cache_scoring_declines_when_a_window_is_shorter_than_the_prompt() -> None:
+    from qwen.eval.multiple_choice import score_prompts, score_with_prefix_cache
+    from qwen.tokenizer import QWenTokenizer
+
+    tok = QWenTokenizer.from_pretrained("qwen-demo")
+    model = windowed(8, vocab_size=151936)
+    ids = [tok.encode(c)[0] for c in "ABCD"]
+    assert score_with_prefix_cache(model, tok, "a long shared few-shot prefix, " * 3, ["q1 a", "q2 b"], ids) is None
+    wide = windowed(512, vocab_size=151936)
+    short = score_with_prefix_cache(wide, tok, "prefix\n\n", ["q1", "q2"], ids)
+    whole = score_prompts(wide, tok, ["prefix\n\nq1", "prefix\n\nq2"], ids)
+    assert short is not None and max(abs(a - b) for x, y in zip(short, whole) for a, b in zip(x, y)) < 1e-4
+
+
+def test_exporters_refuse_windowed_models(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from qwen.export_gguf import GGUFExportError, export_gguf
+    from qwen.interop import to_transformers_qwen2
+
+    model = windowed(8)
+    with pytest.raises(ValueError, match="window attention"):
+        to_transformers_qwen2(model)
+    model.save_pretrained(tmp_path / "w")
+    with pytest.raises(GGUFExportError, match="use_window_attn is set"):
+        export_gguf(str(tmp_path / "w"), tmp_path / "w.gguf", type="f32", progress=False)

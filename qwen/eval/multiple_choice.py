@@ -198,6 +198,8 @@ def score_with_prefix_cache(model: Any, tokenizer: Any, prefix: str, suffixes: S
             return None
     device = next(model.parameters()).device
     cache = KVCache.for_model(model, 1, longest)
+    if any(w is not None and len(head) + len(t) > w for w in cfg.layer_windows for t in tails):
+        return None  # window attention: a ring would wrap past the shared prefix; score whole prompts
     out = []
     with torch.no_grad():
         model(torch.tensor([head], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
