@@ -17,7 +17,10 @@ OPTIONAL = ["transformers", "tqdm", "peft", "gradio", "fastapi", "uvicorn", "acc
 
 
 def test_all_modules_import_without_optional_dependencies():
-    modules = sorted(m.name for m in pkgutil.walk_packages(qwen.__path__, "qwen.") if m.name != "qwen.__main__")
+    # The Triton kernel bodies need triton to even be defined; only triton_gptq imports them, after checking.
+    needs_triton = {"qwen.quant._triton_kernels"}
+    modules = sorted(m.name for m in pkgutil.walk_packages(qwen.__path__, "qwen.")
+                     if m.name != "qwen.__main__" and m.name not in needs_triton)
     script = (
         "import sys\n"
         f"for name in {OPTIONAL!r}:\n"
