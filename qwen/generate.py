@@ -7,7 +7,8 @@
   stream_generate  one prompt -> GenerationResponse records with UTF-8-safe text deltas that never
                    leak a stop string, ending with finish_reason and speed statistics
 chat() / ChatSession (chat.py) sit on top. The model is only ever called as
-``model(ids, attention_mask, past_key_values=cache, logits_to_keep=1)``.
+``model(ids, attention_mask, past_key_values=cache, logits_to_keep=1)``, or, with ``compile``, through
+the static-shape graphs of qwen/compiled.py (CUDA by default; the token loop then syncs every few steps).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .generation_config import (  # noqa: F401  (re-exported: qwen.generate.Gene
 from .sampling import SamplingParams, apply_penalties, sample, token_counts, warp
 
 logger = logging.getLogger(__name__)
+SYNC_EVERY = 8  # compiled loop: device steps between host reads of the drawn ids
 
 # ----------------------------------------------------------------------------------------------- token loop
 @dataclass
@@ -50,6 +52,71 @@ class TokenStep:
 
 def _ends_with(tail: list[int], seqs: list[list[int]]) -> bool:
     return any(len(tail) >= len(s) and tail[len(tail) - len(s):] == s for s in seqs)
+
+
+class _Rows:
+    """Per-row bookkeeping on the host, shared by the eager and the compiled token loops: tails of real ids
+    for stop-word matching (prompt included, as the official processor matches the whole sequence),
+    done flags, owed eos and finish reasons."""
+
+    def __init__(self, input_ids: torch.Tensor, real: torch.Tensor, stops: list[list[int]], eos_ids: list[int],
+                 eos: int | None, pad: int) -> None:
+        self.stops, self.eos_ids, self.eos, self.pad = stops, eos_ids, eos, pad
+        self.max_stop = max((len(s) for s in stops), default=0)
+        b = input_ids.shape[0]
+        rows_cpu, real_cpu = input_ids.tolist(), real.tolist()
+        self.tails = [[tok for tok, r in zip(row, m) if r][-self.max_stop:] if self.max_stop else []
+                      for row, m in zip(rows_cpu, real_cpu)]
+        self.done = [False] * b
+        self.owe = [False] * b
+        self.reasons: list[str | None] = [None] * b
+        for i in range(b):
+            if stops and _ends_with(self.tails[i], stops):  # the official would force eos right away
+                self.done[i], self.owe[i], self.reasons[i] = True, eos is not None, "stop"
+
+    def advance(self, drawn: list[int] | None) -> list[int]:
+        """The ids this step appends, given the ids drawn for each row (None: no forward ran, all rows done)."""
+        toks = []
+        for i in range(len(self.done)):
+            if self.done[i]:
+                tok = self.eos if self.owe[i] else self.pad
+                self.owe[i] = False
+            else:
+                assert drawn is not None
+                tok = int(drawn[i])
+                if self.max_stop:
+                    self.tails[i].append(tok)
+                    del self.tails[i][:-self.max_stop]
+                if tok in self.eos_ids:
+                    self.done[i], self.reasons[i] = True, "stop"
+                elif self.stops and _ends_with(self.tails[i], self.stops):
+                    self.done[i], self.owe[i], self.reasons[i] = True, self.eos is not None, "stop"
+            toks.append(tok)  # type: ignore[arg-type]
+        return toks  # type: ignore[return-value]
+
+    def criteria(self, stopping_criteria: Sequence[StoppingCriterion], seq: torch.Tensor,
+                 scores: torch.Tensor | None) -> None:
+        if not stopping_criteria or all(self.done):
+            return
+        b = len(self.done)
+        hit = torch.zeros(b, dtype=torch.bool)
+        for crit in stopping_criteria:
+            hit |= torch.as_tensor(crit(seq, scores)).bool().cpu().expand(b)
+        for i in range(b):
+            if hit[i] and not self.done[i]:
+                self.done[i], self.reasons[i] = True, "stop"
+
+    def budget_spent(self) -> None:
+        for i in range(len(self.done)):
+            if not self.done[i]:
+                self.done[i], self.reasons[i] = True, "length"
+
+    def step(self, scores: torch.Tensor | None, tokens: torch.Tensor) -> TokenStep:
+        return TokenStep(tokens, torch.tensor(self.done), list(self.reasons), scores)
+
+    @property
+    def over(self) -> bool:
+        return all(self.done) and not any(self.owe)
 
 
 @torch.no_grad()
@@ -67,6 +134,8 @@ def generate_step(
     stopping_criteria: Sequence[StoppingCriterion] = (),
     generator: torch.Generator | None = None,
     cache: Any = None,
+    compile: bool | str = "auto",
+    sync_every: int = SYNC_EVERY,
 ) -> Iterator[TokenStep]:
     """Decode up to ``max_new_tokens`` for a batch of (left-padded) prompts, one TokenStep per step.
 
@@ -77,6 +146,12 @@ def generate_step(
     padded with ``pad_token_id`` (default: eos) while others continue; iteration ends once every row
     is done. ``cache``, if given, must hold a prefix of ``input_ids`` (unpadded): only the rest is
     prefilled; by default a cache for prompt + max_new_tokens is allocated.
+
+    ``compile`` (qwen/compiled.py): True runs prefill and decode steps through compiled static-shape
+    graphs, False the eager model, "auto" (default) compiles on CUDA only (QWEN_COMPILE=0/1 overrides).
+    The compiled loop draws tokens on the device and reads them on the host every ``sync_every`` steps
+    (every step with logits processors or stopping criteria, which look at each step's sequence), so
+    its TokenSteps arrive in bursts; what they hold is what the eager loop would yield.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -90,7 +165,6 @@ def generate_step(
     pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
     # As the official processor: a stop sequence equal to [eos] is redundant and dropped.
     stops = [list(s) for s in (stop_words_ids or []) if len(s) and not (len(s) == 1 and s[0] in eos_ids)]
-    max_stop = max((len(s) for s in stops), default=0)
 
     padded = False
     if attention_mask is not None:
@@ -103,13 +177,18 @@ def generate_step(
             raise ValueError("right padding detected: decoder-only generation needs left padding "
                              "(tokenizer(..., padding_side='left'))")
         padded = not bool(attention_mask.all())
-    if cache is None:
-        cache = model.new_cache(b, t + max_new_tokens)
-    start = cache.length
-    if start >= t or (start and padded):
-        raise ValueError(f"a reused cache must hold a strict prefix of an unpadded prompt (cache {start}, prompt {t})")
-    if start:
-        cache.reserve(t - start + max_new_tokens)
+    decoder = _compiled_decoder(model, compile, cache, b, t, max_new_tokens)
+    if decoder is None:
+        if cache is None:
+            cache = model.new_cache(b, t + max_new_tokens)
+        start = cache.length
+        if start >= t or (start and padded):
+            raise ValueError(
+                f"a reused cache must hold a strict prefix of an unpadded prompt (cache {start}, prompt {t})")
+        if start:
+            cache.reserve(t - start + max_new_tokens)
+    else:
+        start = 0
 
     vocab = model.config.vocab_size
     real = attention_mask.bool() if padded else torch.ones_like(input_ids, dtype=torch.bool)
@@ -117,74 +196,128 @@ def generate_step(
     out_counts = (torch.zeros(b, vocab, dtype=torch.int32, device=device) if params.needs_output_counts else None)
     seq = torch.full((b, t + max_new_tokens), pad, dtype=torch.long, device=device)
     seq[:, :t] = input_ids
-
-    # Row bookkeeping on the host: tails of real ids for stop-word matching (prompt included, as the
-    # official processor matches the whole sequence), done flags, owed eos and finish reasons.
-    rows_cpu = input_ids.tolist()
-    real_cpu = real.tolist()
-    tails = [[tok for tok, r in zip(row, m) if r][-max_stop:] if max_stop else [] for row, m in zip(rows_cpu, real_cpu)]
-    done = [False] * b
-    owe = [False] * b
-    reasons: list[str | None] = [None] * b
-    for i in range(b):
-        if stops and _ends_with(tails[i], stops):  # the official would force eos right away
-            done[i], owe[i], reasons[i] = True, eos is not None, "stop"
+    rows = _Rows(input_ids, real, stops, eos_ids, eos, pad)
     arange = torch.arange(b, device=device)
 
-    last: torch.Tensor | None = None
-    for step in range(max_new_tokens):
-        scores = None
-        if not all(done):
-            if step == 0:
-                out = model(input_ids[:, start:], attention_mask=attention_mask if padded else None,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-            else:
-                out = model(last[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            # .to(device): with layers spread over devices the logits come back on the last one.
-            scores = apply_penalties(out.logits[:, -1].float().to(device), params, seen, out_counts)
-            for proc in logits_processor:
-                scores = proc(seq[:, : t + step], scores)
-            scores = warp(scores, params)
-            drawn = sample(scores, not params.greedy, generator).tolist()
-
-        toks = []
-        for i in range(b):
-            if done[i]:
-                tok = eos if owe[i] else pad
-                owe[i] = False
-            else:
-                tok = int(drawn[i])
-                if max_stop:
-                    tails[i].append(tok)
-                    del tails[i][:-max_stop]
-                if tok in eos_ids:
-                    done[i], reasons[i] = True, "stop"
-                elif stops and _ends_with(tails[i], stops):
-                    done[i], owe[i], reasons[i] = True, eos is not None, "stop"
-            toks.append(tok)
-        tokens = torch.tensor(toks, dtype=torch.long, device=device)
-        seq[:, t + step] = tokens
+    def count(tokens: torch.Tensor) -> None:
         if seen is not None:
             seen.index_put_((arange, tokens), torch.ones_like(tokens, dtype=seen.dtype), accumulate=True)
         if out_counts is not None:
             out_counts.index_put_((arange, tokens), torch.ones_like(tokens, dtype=out_counts.dtype), accumulate=True)
 
-        if stopping_criteria and not all(done):
-            hit = torch.zeros(b, dtype=torch.bool)
-            for crit in stopping_criteria:
-                hit |= torch.as_tensor(crit(seq[:, : t + step + 1], scores)).bool().cpu().expand(b)
-            for i in range(b):
-                if hit[i] and not done[i]:
-                    done[i], reasons[i] = True, "stop"
-        if step == max_new_tokens - 1:
-            for i in range(b):
-                if not done[i]:
-                    done[i], reasons[i] = True, "length"
+    def draw(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # .to(device): with layers spread over devices the logits come back on the last one.
+        scores = apply_penalties(logits.float().to(device), params, seen, out_counts)
+        for proc in logits_processor:
+            scores = proc(seq[:, : t + step], scores)
+        scores = warp(scores, params)
+        return scores, sample(scores, not params.greedy, generator)
 
-        yield TokenStep(tokens, torch.tensor(done), list(reasons), scores)
-        if all(done) and not any(owe):
+    if decoder is not None:
+        # Processors that read the sequence, and stopping criteria, need each step's tokens on the host.
+        per_step = stopping_criteria or any(getattr(p, "reads_sequence", True) for p in logits_processor)
+        yield from _compiled_steps(decoder, input_ids, attention_mask if padded else None, max_new_tokens, rows,
+                                   seq, t, draw, count, stopping_criteria, 1 if per_step else max(1, sync_every))
+        return
+
+    last: torch.Tensor | None = None
+    for step in range(max_new_tokens):
+        scores = None
+        drawn = None
+        if not all(rows.done):
+            if step == 0:
+                out = model(input_ids[:, start:], attention_mask=attention_mask if padded else None,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+            else:
+                out = model(last[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            scores, ids = draw(out.logits[:, -1], step)
+            drawn = ids.tolist()
+        tokens = torch.tensor(rows.advance(drawn), dtype=torch.long, device=device)
+        seq[:, t + step] = tokens
+        count(tokens)
+        rows.criteria(stopping_criteria, seq[:, : t + step + 1], scores)
+        if step == max_new_tokens - 1:
+            rows.budget_spent()
+        yield rows.step(scores, tokens)
+        if rows.over:
             return
         last = tokens
+
+
+def _compiled_decoder(model: Any, compile: bool | str, cache: Any, b: int, t: int, max_new_tokens: int) -> Any:
+    """The CompiledDecoder this generation runs on, or None for the eager path."""
+    if max_new_tokens <= 0:
+        return None
+    from . import compiled
+
+    if not compiled.wants_compile(model, compile, cache):
+        return None
+    if compile is True:
+        decoder = compiled.decoder_for(model, b, t, max_new_tokens)
+        if decoder is None:  # another generation holds the shared one: a private decoder (compiles again)
+            decoder = compiled.CompiledDecoder(model, b, compiled.capacity_for(t, max_new_tokens),
+                                               **compiled.DEFAULT_OPTIONS)
+            decoder.busy = True
+        return decoder
+    decoder = None
+    try:  # "auto": a model whose graphs cannot be built runs eagerly (once warned, never retried)
+        decoder = compiled.decoder_for(model, b, t, max_new_tokens)
+        if decoder is not None:
+            decoder.warm_up(t)
+        return decoder  # None (busy with another generation): this one runs eagerly
+    except Exception as e:  # noqa: BLE001 (torch.compile raises many kinds; none should stop generation)
+        logger.warning("compile='auto': the compiled path failed for this model, generating eagerly (%s: %s)",
+                       type(e).__name__, e)
+        if decoder is not None:
+            decoder.release()
+        compiled.mark_failed(model)
+        return None
+
+
+def _compiled_steps(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    max_new_tokens: int, rows: _Rows, seq: torch.Tensor, t: int, draw: Any, count: Any,
+                    stopping_criteria: Sequence[StoppingCriterion], sync_every: int) -> Iterator[TokenStep]:
+    """The token loop on a CompiledDecoder: forward, draw and count on the device for ``sync_every`` steps,
+    then one host read of the drawn ids and the eager loop's bookkeeping for each of those steps.
+
+    A row's forward after it finished (the eager loop feeds it pad or eos) is computed on whatever it
+    drew and discarded; rows never see each other, so the other rows' tokens are the same.
+    """
+    try:
+        yield from _compiled_loop(decoder, input_ids, attention_mask, max_new_tokens, rows, seq, t, draw, count,
+                                  stopping_criteria, sync_every)
+    finally:
+        decoder.release()
+
+
+def _compiled_loop(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   max_new_tokens: int, rows: _Rows, seq: torch.Tensor, t: int, draw: Any, count: Any,
+                   stopping_criteria: Sequence[StoppingCriterion], sync_every: int) -> Iterator[TokenStep]:
+    device = seq.device
+    step = 0
+    feed: torch.Tensor | None = None
+    while step < max_new_tokens:
+        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not all(rows.done):
+            for j in range(step, min(step + sync_every, max_new_tokens)):
+                logits = decoder.prefill(input_ids, attention_mask) if j == 0 else decoder.decode(feed)
+                scores, feed = draw(logits, j)
+                count(feed)
+                chunk.append((scores, feed))
+        drawn = torch.stack([ids for _, ids in chunk], dim=1).tolist() if chunk else []
+        for j in range(max(1, len(chunk))):
+            forward = not all(rows.done)
+            scores = chunk[j][0] if forward and chunk else None
+            tokens = torch.tensor(rows.advance([row[j] for row in drawn] if forward else None),
+                                  dtype=torch.long, device=device)
+            seq[:, t + step] = tokens
+            rows.criteria(stopping_criteria, seq[:, : t + step + 1], scores)
+            if step == max_new_tokens - 1:
+                rows.budget_spent()
+            yield rows.step(scores, tokens)
+            step += 1
+            if rows.over:
+                return
 
 
 # ----------------------------------------------------------------------------------------------- text helpers
@@ -296,6 +429,7 @@ def suppress_ids_from(first_invalid: int) -> LogitsProcessor:
         scores[..., first_invalid:] = float("-inf")
         return scores
 
+    processor.reads_sequence = False  # type: ignore[attr-defined]  (the compiled loop need not sync per step)
     return processor
 
 
@@ -346,6 +480,7 @@ def generate(
     tokenizer: Any = None,
     logits_processor: Sequence[LogitsProcessor] | None = None,
     return_dict_in_generate: bool = False,
+    compile: bool | str = "auto",
     **ignored_hf_kwargs: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Generate continuations like HF/official ``model.generate``: returns prompt + new ids [B, T+N].
@@ -355,7 +490,8 @@ def generate(
     keywords too. Batches must be left-padded (attention_mask 0 on pads); each row then decodes as
     it would alone. ``seed`` makes sampling reproducible through a private torch.Generator; without
     it torch's global RNG is used. ``stop_strings`` need ``tokenizer``. ``streamer`` follows HF's
-    protocol: put(prompt ids), put(new ids [B]) per step, end().
+    protocol: put(prompt ids), put(new ids [B]) per step, end(). ``compile``: True / False / "auto"
+    (CUDA only), see :func:`generate_step`; outputs are the same either way, up to floating point.
     """
     if input_ids is None:
         input_ids = ignored_hf_kwargs.pop("inputs", None)
@@ -398,6 +534,7 @@ def generate(
         model, input_ids, attention_mask, max_new_tokens=budget, params=cfg.sampling_params(),
         eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id, stop_words_ids=cfg.stop_words_ids,
         logits_processor=list(logits_processor or []), stopping_criteria=stopping_criteria, generator=generator,
+        compile=compile,
     )
     new: list[torch.Tensor] = []
     reasons: list[str | None] = [None] * b
@@ -447,6 +584,7 @@ def stream_generate(
     skip_special_tokens: bool = True,
     logits_processor: Sequence[LogitsProcessor] | None = None,
     cache: Any = None,
+    compile: bool | str = "auto",
     **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a GenerationResponse per token.
@@ -456,7 +594,8 @@ def stream_generate(
     eos, a stop-word id sequence, a stop string (the text stops before it) or the budget. The eos
     id's own text is not emitted; with skip_special_tokens other special tokens decode to "".
     ``overrides`` are GenerationConfig fields (max_new_tokens, temperature, stop_words_ids, seed...).
-    Ids the tokenizer cannot decode (embedding padding) are never sampled.
+    Ids the tokenizer cannot decode (embedding padding) are never sampled. ``compile``: as in
+    :func:`generate_step` (a reused ``cache`` always runs eagerly under "auto").
     """
     if isinstance(prompt, str):
         prompt_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
@@ -476,7 +615,7 @@ def stream_generate(
         model, prompt_ids, max_new_tokens=budget, params=cfg.sampling_params(), eos_token_id=cfg.eos_token_ids,
         pad_token_id=cfg.pad_token_id, stop_words_ids=cfg.stop_words_ids,
         logits_processor=list(logits_processor or []) + _decodable_guard(model, tokenizer),
-        generator=generator, cache=cache,
+        generator=generator, cache=cache, compile=compile,
     )
     detok = StreamingDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     emitted = 0  # characters of detok.text already yielded

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "qwen"
 # (layer, module prefixes), lowest first: a module may import its own layer and the layers below.
 LAYERS = [
     ("core", ["qwen.config", "qwen.cache", "qwen.model", "qwen.generate", "qwen.sampling", "qwen.generation_config",
-              "qwen.checkpoint", "qwen.hub", "qwen.transforms"]),
+              "qwen.checkpoint", "qwen.hub", "qwen.transforms", "qwen.compiled"]),
     ("text", ["qwen.chat_template", "qwen.tokenizer", "qwen.data", "qwen.chat", "qwen.sandbox"]),
     ("kernels", ["qwen.kernels", "qwen.cpu_pack"]),
     ("quant", ["qwen.quant", "qwen.kernels.decode"]),
